@@ -1,0 +1,134 @@
+"""Adapter configs: dataclasses that round-trip through `adapter_config.json` in HF PEFT's format."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .utils.constants import CONFIG_NAME
+from .utils.peft_types import PeftType, TaskType
+from .version import __version__
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, set):
+        return sorted(value)
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
+
+
+def _config_class_for(peft_type: str | None) -> type[PeftConfigMixin]:
+    from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if peft_type is None:
+        raise ValueError("The config has no peft_type, so its adapter method is unknown.")
+    key = getattr(peft_type, "value", peft_type)
+    if key not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(
+            f"peft_type {key!r} is not supported by peftfast; supported: {sorted(PEFT_TYPE_TO_CONFIG_MAPPING)}."
+        )
+    return PEFT_TYPE_TO_CONFIG_MAPPING[key]
+
+
+@dataclass
+class PeftConfigMixin:
+    """Serialisation shared by every config: `to_dict`, `save_pretrained`, `from_pretrained`, `from_json_file`."""
+
+    _peft_type = None  # set on each method's config class; None on the generic bases
+
+    task_type: TaskType | str | None = field(default=None, metadata={"help": "The model head, e.g. CAUSAL_LM."})
+    peft_type: PeftType | str | None = field(default=None, metadata={"help": "The adapter method."})
+    auto_mapping: dict | None = field(default=None, metadata={"help": "Class of a custom base model."})
+    peft_version: str | None = field(default=None, metadata={"help": "Version that wrote the config."})
+
+    def __post_init__(self) -> None:
+        if self.peft_version is None:
+            self.peft_version = f"peftfast=={__version__}"
+        if self.task_type is not None and self.task_type not in {t.value for t in TaskType}:
+            raise ValueError(f"Invalid task_type {self.task_type!r}; expected one of {[t.value for t in TaskType]}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write `adapter_config.json` into `save_directory` (created if needed)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained needs a directory, but {save_directory} is a file.")
+        os.makedirs(save_directory, exist_ok=True)
+        output = _json_ready(self.to_dict())
+        auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping_dict is not None:
+            output["auto_mapping"] = auto_mapping_dict
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as handle:
+            handle.write(json.dumps(output, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfigMixin:
+        """Build a config from a dict; unknown keys are dropped with a warning.
+
+        On a method's own config class (LoraConfig, ...) that class is built; on `PeftConfig` the class registered
+        for `kwargs["peft_type"]` is.
+        """
+        config_cls = cls if getattr(cls, "_peft_type", None) is not None else _config_class_for(kwargs.get("peft_type"))
+        known_fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+        unknown = sorted(set(kwargs) - known_fields)
+        if unknown:
+            warnings.warn(
+                f"Config keys {unknown} are not known to {config_cls.__name__} in peftfast {__version__}; they are "
+                "ignored. The adapter may have been saved by a newer library.",
+                stacklevel=2,
+            )
+        return config_cls(**{key: value for key, value in kwargs.items() if key in known_fields})
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike) -> dict[str, Any]:
+        try:
+            with open(path_json_file) as handle:
+                return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path_json_file} is not valid JSON: {error}") from error
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfigMixin:
+        """Load `adapter_config.json` from a local folder (no hub downloads)."""
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        config_file = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(config_file):
+            raise ValueError(
+                f"Can't find {CONFIG_NAME} in {os.fspath(folder)!r}: is it an adapter folder saved by "
+                "save_pretrained? (peftfast reads local folders only.)"
+            )
+        loaded = cls.from_json_file(config_file)
+        loaded.update(kwargs)
+        expected = getattr(cls, "_peft_type", None)
+        if expected is not None and loaded.get("peft_type") not in (None, expected.value):
+            raise ValueError(
+                f"{config_file} holds a {loaded.get('peft_type')} config, not a {expected.value} "
+                "config; load it with PeftConfig.from_pretrained instead."
+            )
+        return cls.from_peft_type(**loaded)
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+
+@dataclass
+class PeftConfig(PeftConfigMixin):
+    """Base config of every adapter method."""
+
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Name or path of the base model."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
+    inference_mode: bool = field(default=False, metadata={"help": "Whether the adapter is frozen (inference only)."})

@@ -1,0 +1,5 @@
+from .config import LoraConfig
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
+from .model import LoraModel
+
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel"]

@@ -1,0 +1,124 @@
+"""`LoraConfig`: HF PEFT's field set, so `adapter_config.json` files are read and written by both libraries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ...config import PeftConfig
+from ...utils.peft_types import PeftType
+
+# Fields HF PEFT has for LoRA variants peftfast does not implement, with the value meaning "off". A config that
+# turns one on is refused with a clear error rather than silently trained as plain LoRA.
+_UNSUPPORTED_WHEN_SET = {
+    "use_dora": False,
+    "use_qalora": False,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter: `y = base(x) + scaling * B(A(dropout(x)))`, `scaling = lora_alpha / r`.
+
+    Args mirror `peft.LoraConfig`: `r`, `lora_alpha`, `lora_dropout`, `target_modules` (list of name suffixes, a
+    regex matched against the full module name, or "all-linear"), `exclude_modules`, `bias` ("none", "all",
+    "lora_only"), `use_rslora` (scaling `lora_alpha / sqrt(r)`), `modules_to_save`, `init_lora_weights` (True,
+    False, "gaussian"), `layers_to_transform`, `layers_pattern`, `rank_pattern`, `alpha_pattern`, `fan_in_fan_out`,
+    `lora_bias`.
+    """
+
+    _peft_type = PeftType.LORA
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    target_modules: list[str] | set[str] | str | None = field(default=None)
+    exclude_modules: list[str] | set[str] | str | None = field(default=None)
+    lora_alpha: int | float = field(default=8)
+    lora_dropout: float = field(default=0.0)
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "True when the base weight is (in, out)."})
+    bias: Literal["none", "all", "lora_only"] = field(default="none")
+    use_rslora: bool = field(default=False)
+    modules_to_save: list[str] | None = field(default=None)
+    init_lora_weights: bool | Literal["gaussian"] = field(default=True)
+    layers_to_transform: list[int] | int | None = field(default=None)
+    layers_pattern: list[str] | str | None = field(default=None)
+    rank_pattern: dict[str, int] | None = field(default_factory=dict)
+    alpha_pattern: dict[str, int | float] | None = field(default_factory=dict)
+    megatron_config: dict | None = field(default=None)
+    megatron_core: str | None = field(default="megatron.core")
+    trainable_token_indices: Any = field(default=None)
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Any = field(default=None)
+    corda_config: Any = field(default=None)
+    lora_ga_config: Any = field(default=None)
+    use_dora: bool = field(default=False)
+    velora_config: Any = field(default=None)
+    alora_invocation_tokens: list[int] | None = field(default=None)
+    use_qalora: bool = field(default=False)
+    qalora_group_size: int = field(default=16)
+    monteclora_config: Any = field(default=None)
+    layer_replication: list[tuple[int, int]] | None = field(default=None)
+    lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a bias."})
+    target_parameters: list[str] | None = field(default=None)
+    use_bdlora: Any = field(default=None)
+    arrow_config: Any = field(default=None)
+    kasa_config: Any = field(default=None)
+    ensure_weight_tying: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.LORA
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if self.alpha_pattern is None:
+            self.alpha_pattern = {}
+        for name, off in _UNSUPPORTED_WHEN_SET.items():
+            value = getattr(self, name)
+            if value != off and not (off is None and value in ({}, [])):
+                raise NotImplementedError(
+                    f"LoraConfig({name}={value!r}) selects a LoRA variant that peftfast does not implement yet; "
+                    f"leave {name} at {off!r}, or use HF PEFT for this adapter."
+                )
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
+        for pattern, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise NotImplementedError(
+                f"init_lora_weights={self.init_lora_weights!r} is not implemented in peftfast; use True, False or "
+                "'gaussian'."
+            )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform only works when target_modules is a list of names, not a regex.")
+        if isinstance(self.target_modules, str) and self.layers_pattern:
+            raise ValueError("layers_pattern only works when target_modules is a list of names, not a regex.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is only used together with layers_to_transform; set both.")
+
+    def to_dict(self) -> dict[str, Any]:
+        result = super().to_dict()
+        result["peft_type"] = PeftType.LORA.value
+        return result

@@ -1,0 +1,600 @@
+"""LoRA layers: `Linear` (also transformers' Conv1D), `Embedding`, `Conv1d/2d/3d`.
+
+Attribute and state_dict names are HF PEFT's (`lora_A.<adapter>.weight`, `lora_embedding_A.<adapter>`, ...), so
+adapter files are interchangeable. The LoRA arithmetic of linear layers goes through `peftfast.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import ops
+from ..tuners_utils import BaseTunerLayer
+
+
+def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+def _features(base_layer: nn.Module) -> tuple[int, int]:
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    if isinstance(base_layer, nn.Embedding):
+        return base_layer.num_embeddings, base_layer.embedding_dim
+    if isinstance(base_layer, nn.modules.conv._ConvNd):
+        return base_layer.in_channels, base_layer.out_channels
+    if type(base_layer).__name__ == "Conv1D":
+        # transformers' Conv1D stores its weight as (in_features, out_features).
+        in_features, out_features = base_layer.weight.shape
+        return in_features, out_features
+    if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
+        return base_layer.in_features, base_layer.out_features
+    raise TypeError(f"Can't read the input/output sizes of {type(base_layer).__name__}.")
+
+
+class LoraLayer(BaseTunerLayer):
+    """Per-adapter LoRA state of one layer: ranks, alphas, scalings, dropouts and the A/B weights."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_embedding_A = nn.ParameterDict({})
+        self.lora_embedding_B = nn.ParameterDict({})
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self.in_features, self.out_features = _features(base_layer)
+
+    def _check_rank(self, r: int) -> None:
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {r!r}.")
+
+    def _set_scaling(self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+    def _set_dropout(self, adapter_name: str, lora_dropout: float) -> None:
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """HF PEFT's initialisations: True = A kaiming-uniform, B zero (embeddings: A zero, B normal);
+        "gaussian" = A ~ N(0, 1/r); False = leave both random (the adapter changes the output at once)."""
+        if init_lora_weights is False:
+            return
+        if adapter_name in self.lora_A:
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+            if self.lora_bias[adapter_name]:
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
+        if adapter_name in self.lora_embedding_A:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def _move_adapter_to_base(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        """Put a new adapter on the base weight's device; fp16/bf16 bases get fp32 adapters under autocast."""
+        base_weight = None
+        for weight_name in ("weight", "qweight"):
+            base_weight = getattr(self.get_base_layer(), weight_name, None)
+            if base_weight is not None:
+                break
+        if base_weight is None:
+            return
+        device, dtype = base_weight.device, base_weight.dtype
+        for holder in self._adapter_holders():
+            if adapter_name not in holder:
+                continue
+            if device.type == "meta":
+                continue
+            if dtype.is_floating_point or dtype.is_complex:
+                wanted = torch.float32 if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16) else dtype
+                holder[adapter_name] = holder[adapter_name].to(device=device, dtype=wanted)
+            else:
+                holder[adapter_name] = holder[adapter_name].to(device=device)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        for adapter in self.active_adapters:
+            if adapter in self.scaling:
+                self.scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        for adapter in self.active_adapters:
+            if adapter not in self.scaling:
+                continue
+            if scale is None:
+                self.scaling[adapter] = self.lora_alpha[adapter] / self.r[adapter]
+            else:
+                self.scaling[adapter] /= scale
+
+    def _present_active_adapters(self) -> list[str]:
+        holders = self.lora_A if self.lora_A else self.lora_embedding_A
+        return [name for name in self.active_adapters if name in holders]
+
+    def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                f"Got {len(adapter_names)} adapter_names for a batch of {len(x)} rows; pass one name per row."
+            )
+        if self.merged:
+            raise ValueError("Mixed-adapter batches (adapter_names=...) can't run with merged adapters; unmerge first.")
+        unknown = sorted(set(adapter_names) - set(self._all_available_adapter_names()) - {"__base__"})
+        if unknown:
+            raise ValueError(
+                f"Unknown adapter name(s) {unknown} in adapter_names; "
+                f"available: {self._all_available_adapter_names()} and '__base__'."
+            )
+
+    # Merging: W += delta for each adapter, tracked in merged_adapters so unmerge can undo it.
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        if self.merged:
+            warnings.warn(f"Already merged {self.merged_adapters}; merging more on top.", stacklevel=3)
+        names = self.active_adapters if adapter_names is None else adapter_names
+        return [
+            name
+            for name in names
+            if name in self._all_available_adapter_names() and name in self.scaling and name not in self.merged_adapters
+        ]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' delta weights into the base weight. With `safe_merge`, check for NaN/inf first and
+        leave the weights untouched if any appears."""
+        base_layer = self.get_base_layer()
+        for adapter in self._adapters_to_merge(adapter_names):
+            delta = self.get_delta_weight(adapter)
+            weight = base_layer.weight
+            new_bias = None
+            if self.lora_bias.get(adapter) and self.lora_B[adapter].bias is not None:
+                new_bias = (
+                    base_layer.bias.data + self.lora_B[adapter].bias.to(base_layer.bias.dtype) * self.scaling[adapter]
+                )
+            if safe_merge:
+                merged = weight.data + delta.to(weight.dtype)
+                if not torch.isfinite(merged).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
+                    raise ValueError(
+                        f"NaNs or infs detected while merging adapter {adapter!r} into {type(base_layer).__name__}; "
+                        "the weights were left unmerged. The adapter weights are probably broken."
+                    )
+                weight.data = merged
+            else:
+                weight.data += delta.to(weight.dtype)
+            if new_bias is not None:
+                base_layer.bias.data = new_bias
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract merged delta weights again, last merged first."""
+        if not self.merged:
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self.scaling:
+                continue
+            base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
+            if self.lora_bias.get(adapter) and self.lora_B[adapter].bias is not None:
+                base_layer.bias.data -= self.lora_B[adapter].bias.to(base_layer.bias.dtype) * self.scaling[adapter]
+
+    def _lora_weights(self, adapters: list[str]):
+        return (
+            [self.lora_A[name].weight for name in adapters],
+            [self.lora_B[name].weight for name in adapters],
+            [self.lora_B[name].bias for name in adapters],
+            [self.scaling[name] for name in adapters],
+            [getattr(self.lora_dropout[name], "p", 0.0) for name in adapters],
+        )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Each row of the batch runs with its own adapter ("__base__": none)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.scaling:
+                continue
+            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
+            result[rows] = self._adapter_output(result[rows], x[rows], name)
+        return result
+
+    def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """A bare nn.Linear with no hooks: its GEMM can be fused with the LoRA term."""
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
+class Linear(nn.Module, LoraLayer):
+    """LoRA on a dense layer: `y = base(x) + scaling * B(A(dropout(x)))`."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        is_target_conv_1d_layer: bool = False,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+        self._active_adapter = adapter_name
+        self.update_layer(
+            adapter_name,
+            r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            init_lora_weights=init_lora_weights,
+            use_rslora=use_rslora,
+            lora_bias=lora_bias,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+        use_rslora: bool,
+        lora_bias: bool = False,
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self._check_rank(r)
+        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
+        self._set_dropout(adapter_name, lora_dropout)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+        self.lora_bias[adapter_name] = lora_bias
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self.set_adapter(self.active_adapters)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        weight_A = self.lora_A[adapter].weight
+        weight_B = self.lora_B[adapter].weight
+        dtype = weight_B.dtype
+        # Half-precision matmuls on CPU are slow and not always available: compute in fp32 there.
+        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if upcast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = transpose(weight_B @ weight_A, self.fan_in_fan_out) * self.scaling[adapter]
+        return delta.to(dtype) if upcast else delta
+
+    def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        return ops.lora_add(result, x, *self._lora_weights([adapter]), training=self.training)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        active = self._present_active_adapters()
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        weights = self._lora_weights(active)
+        if _is_plain_linear(self.base_layer) and not args and not kwargs:
+            return ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, *weights, training=self.training)
+        result = self.base_layer(x, *args, **kwargs)
+        return ops.lora_add(result, x, *weights, training=self.training)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Embedding(nn.Module, LoraLayer):
+    """LoRA on an embedding: `y = E[ids] + scaling * A.T[ids] @ B.T`."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for Embedding layers (as in HF PEFT).")
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(
+            adapter_name,
+            r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            init_lora_weights=init_lora_weights,
+            use_rslora=use_rslora,
+            lora_bias=lora_bias,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+        use_rslora: bool,
+        lora_bias: bool = False,
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self._check_rank(r)
+        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
+        self._set_dropout(adapter_name, lora_dropout)
+        weight = self.get_base_layer().weight
+        self.lora_embedding_A[adapter_name] = nn.Parameter(
+            weight.new_empty(r, self.in_features, dtype=torch.float32, device="cpu").normal_()
+        )
+        self.lora_embedding_B[adapter_name] = nn.Parameter(
+            weight.new_empty(self.out_features, r, dtype=torch.float32, device="cpu").normal_()
+        )
+        self.lora_bias[adapter_name] = lora_bias
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self.set_adapter(self.active_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        weight_A = self.lora_embedding_A[adapter]
+        weight_B = self.lora_embedding_B[adapter]
+        dtype = weight_A.dtype
+        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if upcast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = (weight_B @ weight_A).T * self.scaling[adapter]
+        return delta.to(dtype) if upcast else delta
+
+    def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(
+            ids,
+            weight,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+
+    def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        after_A = self._embed(x, self.lora_embedding_A[adapter].T)
+        return result + (after_A @ self.lora_embedding_B[adapter].T) * self.scaling[adapter]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for adapter in self._present_active_adapters():
+            result = self._adapter_output(result, x, adapter)
+        return result.to(result_dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.scaling:
+                continue
+            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
+            result[rows] = self._adapter_output(result[rows], x[rows], name).to(result_dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class _ConvNd(nn.Module, LoraLayer):
+    """LoRA on a convolution: A is a conv with the base kernel, stride and padding into r channels; B a 1x1 conv."""
+
+    _kernel_dim: int = 4
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        if base_layer.weight.dim() != self._kernel_dim:
+            raise ValueError(
+                f"{type(self).__name__} expects a {self._kernel_dim - 2}d convolution, got a weight of "
+                f"shape {tuple(base_layer.weight.shape)}."
+            )
+        self._active_adapter = adapter_name
+        self.update_layer(
+            adapter_name,
+            r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            init_lora_weights=init_lora_weights,
+            use_rslora=use_rslora,
+            lora_bias=lora_bias,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+        use_rslora: bool,
+        lora_bias: bool = False,
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self._check_rank(r)
+        base = self.get_base_layer()
+        if r % base.groups != 0:
+            raise ValueError(
+                f"LoRA rank {r} must be divisible by groups={base.groups} of the {type(base).__name__} it targets."
+            )
+        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
+        self._set_dropout(adapter_name, lora_dropout)
+        conv_type = type(base)
+        ones = (1,) * (self._kernel_dim - 2)
+        self.lora_A[adapter_name] = conv_type(
+            self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False
+        )
+        self.lora_B[adapter_name] = conv_type(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
+        self.lora_bias[adapter_name] = lora_bias
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self.set_adapter(self.active_adapters)
+
+    def _conv(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[self._kernel_dim](input, weight)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if self.get_base_layer().groups > 1:
+            raise NotImplementedError("Merging LoRA into a convolution with groups > 1 is not supported.")
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        weight_A = self.lora_A[adapter].weight
+        weight_B = self.lora_B[adapter].weight
+        dtype = weight_A.dtype
+        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if upcast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        if all(size == 1 for size in self.get_base_layer().weight.shape[2:]):
+            spatial = weight_A.shape[2:]
+            delta = (weight_B.flatten(1) @ weight_A.flatten(1)).reshape(weight_B.shape[0], weight_A.shape[1], *spatial)
+        else:
+            # Composing the 1x1 conv B after conv A is the conv of A's kernels by B's channel mixing.
+            delta = self._conv(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
+        delta = delta * self.scaling[adapter]
+        return delta.to(dtype) if upcast else delta
+
+    def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        lora_A = self.lora_A[adapter]
+        x = x.to(lora_A.weight.dtype)
+        return result + self.lora_B[adapter](lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for adapter in self._present_active_adapters():
+            result = self._adapter_output(result, x, adapter)
+        return result.to(result_dtype)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Conv1d(_ConvNd):
+    _kernel_dim = 3
+
+
+class Conv2d(_ConvNd):
+    _kernel_dim = 4
+
+
+class Conv3d(_ConvNd):
+    _kernel_dim = 5
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, lora_config: Any, **kwargs: Any) -> nn.Module | None:
+    """The LoRA layer for a plain torch / transformers base layer, or None when this dispatcher doesn't know it."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Embedding):
+        embedding_kwargs = {k: v for k, v in kwargs.items() if k != "fan_in_fan_out"}
+        return Embedding(target, adapter_name, **embedding_kwargs)
+    conv_types = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+    if type(base) in conv_types:
+        conv_kwargs = {k: v for k, v in kwargs.items() if k != "fan_in_fan_out"}
+        return conv_types[type(base)](target, adapter_name, **conv_kwargs)
+    if isinstance(base, nn.Linear):
+        if kwargs.get("fan_in_fan_out"):
+            warnings.warn(
+                "fan_in_fan_out=True but the target is an nn.Linear (weight is (out, in)); using False.", stacklevel=2
+            )
+            kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = False
+        return Linear(target, adapter_name, **kwargs)
+    if type(base).__name__ == "Conv1D":
+        if not kwargs.get("fan_in_fan_out"):
+            warnings.warn(
+                "The target is a transformers Conv1D (weight is (in, out)); setting fan_in_fan_out=True.", stacklevel=2
+            )
+            kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = True
+        return Linear(target, adapter_name, is_target_conv_1d_layer=True, **kwargs)
+    return None

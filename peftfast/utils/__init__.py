@@ -1,0 +1,17 @@
+from .constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .other import ModulesToSaveWrapper, get_submodules
+from .peft_types import PeftType, TaskType
+from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+__all__ = [
+    "CONFIG_NAME",
+    "SAFETENSORS_WEIGHTS_NAME",
+    "WEIGHTS_NAME",
+    "ModulesToSaveWrapper",
+    "PeftType",
+    "TaskType",
+    "get_peft_model_state_dict",
+    "get_submodules",
+    "load_peft_weights",
+    "set_peft_model_state_dict",
+]

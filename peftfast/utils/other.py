@@ -1,0 +1,148 @@
+"""Module-tree helpers and `ModulesToSaveWrapper` (whole modules trained and saved next to the adapter)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """(parent, module, attribute name) of the module named `key` in `model`."""
+    parent_name, _, target_name = key.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    return parent, model.get_submodule(key), target_name
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module frozen and one trainable copy per adapter; forward runs the active adapter's copy.
+
+    State dict keys: `<name>.original_module.*` and `<name>.modules_to_save.<adapter>.*`; adapter files store the
+    copy under the module's own path, `<name>.*`, as HF PEFT does.
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter: str | list[str] = []
+        self._disable_adapters = False
+        self.update(adapter_name)
+        self.set_adapter(adapter_name)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save", "_modules"):
+                raise
+            modules = self.__dict__["_modules"]
+            if self.disable_adapters or not self.active_adapters:
+                return getattr(modules["original_module"], name)
+            return getattr(modules["modules_to_save"][self.active_adapters[0]], name)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._current_module().weight
+
+    def _current_module(self) -> nn.Module:
+        if self.disable_adapters or not self.active_adapters or self.active_adapters[0] not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for `adapter_name` (kept if it exists)."""
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
+        return self._current_module()(*args, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        if len(x) != len(adapter_names):
+            raise ValueError(f"Got {len(adapter_names)} adapter_names for a batch of {len(x)} rows.")
+        outputs = [None] * len(x)
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            sub_output = module(x[rows], *args, **kwargs)
+            for position, row in enumerate(rows):
+                outputs[row] = sub_output[position]
+        return torch.stack(outputs)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self._disable_adapters = False
+            for name in self.active_adapters:
+                if name in self.modules_to_save:
+                    self.modules_to_save[name].requires_grad_(True)
+        else:
+            self._disable_adapters = True
+            self.modules_to_save.requires_grad_(False)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter's copy (only one copy of a module can be active at a time)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        present = [name for name in names if name in self.modules_to_save]
+        if len(present) > 1:
+            raise ValueError(f"Only one adapter's copy of a modules_to_save module can be active, got {present}.")
+        self.modules_to_save.requires_grad_(False)
+        if not present:
+            self._active_adapter = []
+            return
+        self.modules_to_save[present[0]].requires_grad_(not inference_mode)
+        self._active_adapter = present[0]
+
+    def delete_adapter(self, adapter_name: str, new_active_adapters: list[str] | None = None) -> None:
+        if adapter_name not in self.modules_to_save:
+            return
+        del self.modules_to_save[adapter_name]
+        if adapter_name in self.active_adapters:
+            self.set_adapter([name for name in (new_active_adapters or []) if name in self.modules_to_save][:1])
+
+
+def _modules_to_save_matches(key: str, names: list[str]) -> bool:
+    return any(key == name or key.endswith(f".{name}") for name in names)
+
+
+def set_trainable_modules(
+    model: nn.Module, adapter_name: str, module_names: list[str], inference_mode: bool = False
+) -> None:
+    """Wrap every module named in `module_names` (name or name suffix) in a `ModulesToSaveWrapper`."""
+    keys = [key for key, _ in model.named_modules()]
+    found = False
+    for key in keys:
+        if re.search(r"(^|\.)(modules_to_save|original_module)(\.|$)", key):
+            continue
+        if not _modules_to_save_matches(key, module_names):
+            continue
+        parent, target, target_name = get_submodules(model, key)
+        if isinstance(target, ModulesToSaveWrapper):
+            target.update(adapter_name)
+            target.set_adapter(target.active_adapters or adapter_name)
+        else:
+            setattr(parent, target_name, ModulesToSaveWrapper(target, adapter_name))
+        wrapper = getattr(parent, target_name)
+        if inference_mode:
+            wrapper.modules_to_save[adapter_name].requires_grad_(False)
+        found = True
+    if not found:
+        raise ValueError(f"modules_to_save {module_names} match no module of the model.")

@@ -1,0 +1,197 @@
+"""Adapter state dicts in HF PEFT's on-disk key format, and reading adapter files safely.
+
+In memory the adapter name is part of each key (`...q_proj.lora_A.default.weight`); on disk it is not
+(`base_model.model....q_proj.lora_A.weight`), and `modules_to_save` copies are stored under the wrapped module's
+own path. Files are read with safetensors; a legacy `.bin` only through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .constants import EMBEDDING_LAYER_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .other import ModulesToSaveWrapper
+from .peft_types import PeftType
+
+
+def _tuner_prefix(config: Any) -> str:
+    from ..mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    return PEFT_TYPE_TO_PREFIX_MAPPING[getattr(config.peft_type, "value", config.peft_type)]
+
+
+def _modules_to_save_paths(model: nn.Module, adapter_name: str) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
+    ]
+
+
+def _embedding_is_targeted(config: Any) -> bool:
+    targets = getattr(config, "target_modules", None) or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return any(name in str(target) for target in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: str | bool = "auto",
+) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as HF PEFT writes them to `adapter_model.safetensors`.
+
+    `model` is a PeftModel (or any module with `peft_config`); keys are relative to it.
+    """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    config = model.peft_config[adapter_name]
+    if state_dict is None:
+        state_dict = model.state_dict()
+    if config.peft_type != PeftType.LORA:
+        raise NotImplementedError(f"Saving {config.peft_type} adapters is not implemented in peftfast.")
+    prefix = _tuner_prefix(config)
+    own_adapter = re.compile(rf"\.{re.escape(adapter_name)}(\.|$)")
+    to_return = {k: v for k, v in state_dict.items() if prefix in k and own_adapter.search(k)}
+    if config.bias == "all":
+        to_return.update((k, v) for k, v in state_dict.items() if prefix not in k and "bias" in k)
+    elif config.bias == "lora_only":
+        for key in list(to_return):
+            bias_key = key.split(prefix)[0] + "bias"
+            if bias_key in state_dict:
+                to_return[bias_key] = state_dict[bias_key]
+
+    module_paths = _modules_to_save_paths(model, adapter_name)
+    for key, value in state_dict.items():
+        for path in module_paths:
+            own = f"{path}.modules_to_save.{adapter_name}."
+            if key.startswith(own):
+                to_return[f"{path}.{key[len(own) :]}"] = value
+
+    if save_embedding_layers == "auto":
+        save_embedding_layers = _embedding_is_targeted(config)
+        if save_embedding_layers:
+            warnings.warn(
+                "Embedding layers are in target_modules: saving their full weights with the adapter "
+                "(save_embedding_layers=True).",
+                stacklevel=2,
+            )
+    if save_embedding_layers:
+        for key, value in state_dict.items():
+            if (
+                prefix not in key
+                and any(f".{name}." in key for name in EMBEDDING_LAYER_NAMES)
+                and (key.endswith(".weight"))
+            ):
+                to_return[key.replace(".base_layer", "")] = value
+
+    return {_remove_adapter_name(k, adapter_name, prefix): v for k, v in to_return.items()}
+
+
+def _remove_adapter_name(key: str, adapter_name: str, prefix: str) -> str:
+    if prefix in key:
+        return re.sub(rf"\.{re.escape(adapter_name)}(?=\.|$)", "", key, count=1)
+    return key
+
+
+def _to_model_key(key: str, adapter_name: str, prefix: str, module_paths: list[str]) -> str:
+    """Map an on-disk key back to the in-memory key for `adapter_name`."""
+    for path in module_paths:
+        if key.startswith(f"{path}.") and ".modules_to_save." not in key:
+            return f"{path}.modules_to_save.{adapter_name}.{key[len(path) + 1 :]}"
+    if prefix not in key:
+        return key
+    head, _, tail = key.partition(prefix)
+    parameter_holder, dot, rest = tail.partition(".")
+    if not dot:
+        # lora_embedding_A / lora_embedding_B are parameters, not modules: no `.weight` suffix on disk.
+        return f"{head}{prefix}{parameter_holder}.{adapter_name}"
+    return f"{head}{prefix}{parameter_holder}.{adapter_name}.{rest}"
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> Any:
+    """Load on-disk adapter tensors into `adapter_name`. Shapes are checked before anything is written, so a
+    mismatch leaves the model unchanged; the error names the key and both shapes."""
+    config = model.peft_config[adapter_name]
+    prefix = _tuner_prefix(config)
+    module_paths = _modules_to_save_paths(model, adapter_name)
+    model_state = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in peft_model_state_dict.items():
+        model_key = _to_model_key(key, adapter_name, prefix, module_paths)
+        if model_key not in model_state:
+            base_key = model_key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+            if base_key in model_state:
+                model_key = base_key
+        mapped[model_key] = value
+    mismatched = []
+    for key, value in list(mapped.items()):
+        if key in model_state and model_state[key].shape != value.shape:
+            if ignore_mismatched_sizes:
+                mismatched.append((key, tuple(value.shape), tuple(model_state[key].shape)))
+                del mapped[key]
+            else:
+                raise ValueError(
+                    f"Adapter weight {key!r} has shape {tuple(value.shape)} in the file but "
+                    f"{tuple(model_state[key].shape)} in the model; the adapter was trained for a different model "
+                    "or config. Nothing was loaded."
+                )
+    if low_cpu_mem_usage:
+        result = model.load_state_dict(mapped, strict=False, assign=True)
+    else:
+        result = model.load_state_dict(mapped, strict=False)
+    adapter_keys = [key for key in model_state if prefix in key and f".{adapter_name}." in f"{key}."]
+    missing_adapter_keys = [key for key in result.missing_keys if key in adapter_keys]
+    result.missing_keys.clear()
+    result.missing_keys.extend(missing_adapter_keys)
+    if mismatched:
+        warnings.warn(
+            "Skipped adapter weights of mismatched shape: "
+            + ", ".join(
+                f"{key} (file {file_shape}, model {model_shape})" for key, file_shape, model_shape in mismatched
+            ),
+            stacklevel=2,
+        )
+    return result
+
+
+def load_peft_weights(
+    model_id: str | os.PathLike, device: str | torch.device | None = None, subfolder: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Read an adapter's tensors from a local folder: safetensors first, else a legacy `.bin` without pickles."""
+    folder = os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
+    device = device or "cpu"
+    safetensors_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    bin_file = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(safetensors_file):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(safetensors_file, device=str(device))
+        except Exception as error:
+            raise ValueError(f"Can't read adapter weights from {safetensors_file}: {error}") from error
+    if os.path.isfile(bin_file):
+        try:
+            return torch.load(bin_file, map_location=device, weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"Can't read adapter weights from {bin_file} (only plain tensors are accepted, never "
+                f"pickled objects): {error}"
+            ) from error
+    raise ValueError(
+        f"No adapter weights in {folder!r}: expected {SAFETENSORS_WEIGHTS_NAME} (or a legacy {WEIGHTS_NAME})."
+    )
