@@ -1,0 +1,89 @@
+"""Small models built from code (nothing can be downloaded), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 11, d_hidden: int = 23, d_out: int = 5, bias: bool = True) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(d_in, d_hidden, bias=bias)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(d_hidden, d_hidden, bias=bias)
+        self.lin2 = nn.Linear(d_hidden, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.relu(self.lin1(self.relu(self.lin0(x)))))
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(3, 6, 3, padding=1)
+        self.conv2d = nn.Conv2d(6, 7, 3, stride=2)
+        self.conv2d_1x1 = nn.Conv2d(7, 5, 1)
+        self.conv3d = nn.Conv3d(2, 4, (2, 3, 3))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
+        batch, channels, length = x.shape
+        h = self.conv1d(x).reshape(batch, 6, 1, length).expand(batch, 6, 9, length)
+        h = self.conv2d_1x1(self.conv2d(h))
+        v = self.conv3d(volume).mean(dim=(1, 2, 3, 4))
+        return self.head(h.mean(dim=(2, 3))) + v[:, None]
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self, vocab: int = 37, dim: int = 13) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.lin = nn.Linear(dim, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(ids))
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
+    config.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def tiny_gpt2(seed: int = 0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64, bos_token_id=1, eos_token_id=2)
+    config.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**config)).eval()
+
+
+def tiny_llama_classifier(seed: int = 0, num_labels: int = 3):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(config).eval()
