@@ -269,7 +269,7 @@ class PeftModel(nn.Module):
         is_trainable: bool,
         low_cpu_mem_usage: bool,
         model_id: Any,
-    ) -> None:
+    ) -> Any:
         device = next((p.device for p in self.get_base_model().parameters() if p.device.type != "meta"), None)
         if device is not None:
             weights = {k: v.to(device) for k, v in weights.items()}
@@ -286,6 +286,7 @@ class PeftModel(nn.Module):
                 if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
                     param.requires_grad_(False)
             self.eval()
+        return result
 
     def load_adapter(
         self,
@@ -305,18 +306,30 @@ class PeftModel(nn.Module):
         weights = load_peft_weights(model_id, device=torch_device, subfolder=kwargs.get("subfolder"))
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
-            self._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
+            result = self._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
-        # A newly loaded adapter is inactive: keep the current adapter's trainability as it was.
-        self.base_model.set_adapter(
-            self.active_adapters,
-            inference_mode=not any(p.requires_grad for n, p in self.named_parameters() if "lora_" in n),
-        )
+        # The new adapter stays inactive; like HF PEFT, it only trains if asked to.
+        if is_trainable:
+            self.set_requires_grad(adapter_name)
+        return result
 
-    def __repr__(self) -> str:
-        return super().__repr__()
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the given adapters' weights on or off, whether they are active or not."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_adapter_name(name)
+        for module in self.modules():
+            if isinstance(module, BaseTunerLayer):
+                for holder in module._adapter_holders():
+                    for name in names:
+                        if name in holder:
+                            holder[name].requires_grad_(requires_grad)
+            elif isinstance(module, ModulesToSaveWrapper):
+                for name in names:
+                    if name in module.modules_to_save:
+                        module.modules_to_save[name].requires_grad_(requires_grad)
 
 
 class PeftModelForCausalLM(PeftModel):
