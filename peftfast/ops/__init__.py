@@ -10,11 +10,13 @@ from collections.abc import Sequence
 
 import torch
 
-from . import dispatch, reference
+from . import autograd, dispatch, reference
 from .dispatch import available_backends, get_backend, set_backend, use_backend
 
 dispatch.register("lora_linear", "torch", reference.lora_linear)
 dispatch.register("lora_add", "torch", reference.lora_add)
+# `autograd` imports Triton only when a kernel runs, so `import peftfast` works without it.
+dispatch.register("lora_linear", "triton", autograd.lora_linear_triton, can_serve=autograd.can_run_lora_linear)
 
 _last_backend: dict[str, str] = {}
 
@@ -39,7 +41,7 @@ def lora_linear(
     Shapes: x [..., d_in]; weight [d_out, d_in]; bias [d_out] or None; A[i] [r_i, d_in]; B[i] [d_out, r_i];
     B_bias[i] [d_out] or None. Returns [..., d_out] in the dtype of `x @ W.T`.
     """
-    backend, implementation = dispatch.resolve("lora_linear", x, weight, bias, lora_A, lora_B)
+    backend, implementation = dispatch.resolve("lora_linear", x, weight, bias, lora_A, lora_B, lora_B_bias)
     _last_backend["lora_linear"] = backend
     return implementation(x, weight, bias, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
 

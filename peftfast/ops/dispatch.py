@@ -2,8 +2,9 @@
 
 A backend is "torch" (the reference, always present) or a kernel backend ("triton", later "cuda"). The choice is,
 in order: a `use_backend(...)` context, `set_backend(...)`, the environment variable PEFTFAST_BACKEND, then "auto".
-"auto" takes the first kernel backend that can serve the call and falls back to torch; a backend chosen by name that
-cannot serve a call raises instead of falling back in silence.
+"auto" takes the first kernel backend that can serve the call when its tensors are on a GPU, and torch otherwise; a
+backend chosen by name that cannot serve a call raises instead of falling back in silence. (Under TRITON_INTERPRET=1
+the "triton" backend, chosen by name, runs on CPU tensors: that is how CI tests the kernels.)
 """
 
 from __future__ import annotations
@@ -76,11 +77,17 @@ def available_backends(op: str) -> list[str]:
     return list(_IMPLEMENTATIONS.get(op, {}))
 
 
+def _on_gpu(args: tuple) -> bool:
+    return any(getattr(arg, "is_cuda", False) for arg in args)
+
+
 def resolve(op: str, *args: Any, **kwargs: Any) -> tuple[str, Callable[..., Any]]:
     """The backend name and implementation that run `op` on these arguments."""
     implementations = _IMPLEMENTATIONS[op]
     requested = get_backend()
     if requested == "auto":
+        if not _on_gpu(args):
+            return "torch", implementations["torch"][0]
         for name in ("cuda", "triton"):
             entry = implementations.get(name)
             if entry is not None and entry[1](*args, **kwargs):

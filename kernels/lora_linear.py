@@ -1,0 +1,570 @@
+"""Fused LoRA linear kernels: `y = x W^T + b + sum_i s_i * dropout_i(x) A_i^T B_i^T` and its backward.
+
+Split at the rank-r intermediate S_i = s_i * dropout_i(x) A_i^T (`lora_shrink`). The forward folds S B^T into the
+base GEMM as extra K columns (`dual_matmul`), so the T x d_out output is written once. Backward: one pass over dY
+gives dS = dY B and dB = dY^T S (`lora_grad_dy`); dX = dY W + mask * (dS A) / (1 - p) is one `dual_matmul`; dA is
+`lora_grad_a`. Dropout masks come from a seed and each element's flat index into x [T, d_in], so forward and
+backward draw the same mask without storing it.
+
+Every launcher takes 2-D row-major-agnostic tensors (any strides) and returns new tensors; shapes are checked.
+`dot_dtype` is the dtype the tensor cores multiply in (the activation dtype on GPU; fp32 under the interpreter,
+whose bf16 arithmetic is wrong).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# GPU tensor-core dots need every dimension >= 16: the rank dimension is padded to a power of two >= 16 in the
+# block shape (loads past the real rank are masked to zero).
+MIN_DOT = 16
+
+
+def _rank_block(r: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(r))
+
+
+def dual_matmul_configs() -> list[triton.Config]:
+    """Autotune space for `dual_matmul` (block sizes, warps, stages)."""
+    configs = []
+    for block_m, block_n, block_k, warps, stages in [
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 32, 4, 4),
+    ]:
+        configs.append(
+            triton.Config(
+                {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                num_warps=warps,
+                num_stages=stages,
+            )
+        )
+    return configs
+
+
+@triton.jit
+def _dual_matmul_kernel(
+    # pointers
+    a1_ptr,
+    b1_ptr,
+    a2_ptr,
+    b2_ptr,
+    bias_ptr,
+    out_ptr,
+    # sizes
+    M,
+    N,
+    K1,
+    K2,
+    # strides
+    stride_a1m,
+    stride_a1k,
+    stride_b1k,
+    stride_b1n,
+    stride_a2m,
+    stride_a2k,
+    stride_b2k,
+    stride_b2n,
+    stride_om,
+    stride_on,
+    # dropout of the second product's output
+    seed,
+    p,
+    keep_scale,
+    # meta-parameters
+    HAS_FIRST: tl.constexpr,
+    HAS_SECOND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MASK_SECOND: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: programs that share B tiles run close together, so B stays in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if HAS_FIRST:
+        for k0 in range(0, K1, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K1
+            a = tl.load(
+                a1_ptr + offs_m[:, None] * stride_a1m + offs_k[None, :] * stride_a1k,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b1_ptr + offs_k[:, None] * stride_b1k + offs_n[None, :] * stride_b1n,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+    if HAS_SECOND:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, K2, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < K2
+            a2 = tl.load(
+                a2_ptr + offs_m[:, None] * stride_a2m + offs_r[None, :] * stride_a2k,
+                mask=mask_m[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            b2 = tl.load(
+                b2_ptr + offs_r[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
+                mask=mask_r[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc2 += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE))
+        if MASK_SECOND:
+            flat = offs_m[:, None] * N + offs_n[None, :]
+            keep = tl.rand(seed, flat) >= p
+            acc2 = tl.where(keep, acc2 * keep_scale, 0.0)
+        acc += acc2
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+_dual_matmul_tuned = triton.autotune(configs=dual_matmul_configs(), key=["M", "N", "K1", "K2"], reset_to_zero=[])(
+    _dual_matmul_kernel
+)
+
+
+def _on_interpreter(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu"
+
+
+def dual_matmul(
+    a1: torch.Tensor | None,
+    b1: torch.Tensor | None,
+    a2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    accumulate: bool = False,
+    dot_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Semantics: out (+)= a1 @ b1 + keep(seed, p) * (a2 @ b2) / (1 - p) + bias, in fp32 accumulation.
+
+    Shapes: a1 [M, K1], b1 [K1, N], a2 [M, K2], b2 [K2, N], bias [N]; the dropout mask is drawn per output
+    element from `seed` and its flat index m * N + n.
+    """
+    if a1 is None and a2 is None:
+        raise ValueError("dual_matmul needs at least one product.")
+    ref = a1 if a1 is not None else a2
+    M = ref.shape[0]
+    N = (b1 if b1 is not None else b2).shape[1]
+    K1 = a1.shape[1] if a1 is not None else 0
+    K2 = a2.shape[1] if a2 is not None else 0
+    if a1 is not None and (b1.shape[0] != K1 or a1.shape[0] != M):
+        raise ValueError(f"dual_matmul: a1 {tuple(a1.shape)} and b1 {tuple(b1.shape)} don't chain.")
+    if a2 is not None and (b2.shape[0] != K2 or a2.shape[0] != M or b2.shape[1] != N):
+        raise ValueError(f"dual_matmul: a2 {tuple(a2.shape)} and b2 {tuple(b2.shape)} don't fit an [{M}, {N}] output.")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"dual_matmul: bias has shape {tuple(bias.shape)}, expected ({N},).")
+    if out is None:
+        out = torch.empty(M, N, device=ref.device, dtype=out_dtype or ref.dtype)
+    elif out.shape != (M, N):
+        raise ValueError(f"dual_matmul: out has shape {tuple(out.shape)}, expected ({M}, {N}).")
+    if M == 0 or N == 0:
+        return out
+    dummy = out
+    a1_, b1_ = (a1, b1) if a1 is not None else (dummy, dummy)
+    a2_, b2_ = (a2, b2) if a2 is not None else (dummy, dummy)
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    common = dict(
+        HAS_FIRST=a1 is not None and K1 > 0,
+        HAS_SECOND=a2 is not None and K2 > 0,
+        HAS_BIAS=bias is not None,
+        MASK_SECOND=dropout_p > 0,
+        ACCUMULATE=accumulate,
+        DOT_DTYPE=_TORCH_TO_TL[dot_dtype or ref.dtype],
+        BLOCK_R=_rank_block(min(K2, 64)) if K2 else MIN_DOT,
+    )
+    args = (
+        a1_,
+        b1_,
+        a2_,
+        b2_,
+        bias if bias is not None else dummy,
+        out,
+        M,
+        N,
+        K1,
+        K2,
+        a1_.stride(0),
+        a1_.stride(1),
+        b1_.stride(0),
+        b1_.stride(1),
+        a2_.stride(0),
+        a2_.stride(1),
+        b2_.stride(0),
+        b2_.stride(1),
+        out.stride(0),
+        out.stride(1),
+        seed,
+        dropout_p,
+        keep_scale,
+    )
+    if _on_interpreter(ref):
+        # The interpreter is slow and autotuning would multiply that: one small config.
+        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
+        _dual_matmul_kernel[grid](*args, **common, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _dual_matmul_tuned[grid](*args, **common)
+    return out
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,
+    a_ptr,
+    out_ptr,
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_om,
+    stride_or,
+    seed,
+    p,
+    scale,
+    APPLY_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        if APPLY_DROPOUT:
+            keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
+        a = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(x.to(DOT_DTYPE), a.to(DOT_DTYPE))
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or,
+        acc * scale,
+        mask=mask_m[:, None] & mask_r[None, :],
+    )
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    out: torch.Tensor | None = None,
+    dot_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Semantics: S = scale * dropout(x, p; seed) @ A.T, in fp32.
+
+    Shapes: x [M, K], A [R, K], out [M, R] fp32 (may be a column slice of a wider buffer).
+    """
+    M, K = x.shape
+    R = lora_A.shape[0]
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_shrink: x has {K} features but lora_A has shape {tuple(lora_A.shape)}.")
+    if out is None:
+        out = torch.empty(M, R, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return out
+    block_m = 32 if _on_interpreter(x) else 64
+    block_k = 32 if _on_interpreter(x) else 128
+    _lora_shrink_kernel[(triton.cdiv(M, block_m),)](
+        x,
+        lora_A,
+        out,
+        M,
+        K,
+        R,
+        x.stride(0),
+        x.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        out.stride(0),
+        out.stride(1),
+        seed,
+        dropout_p,
+        scale,
+        APPLY_DROPOUT=dropout_p > 0,
+        DOT_DTYPE=_TORCH_TO_TL[dot_dtype or x.dtype],
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_R=_rank_block(R),
+    )
+    return out
+
+
+@triton.jit
+def _lora_grad_dy_kernel(
+    dy_ptr,
+    b_ptr,
+    s_ptr,
+    ds_ptr,
+    db_ptr,
+    M,
+    N,
+    R,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_sm,
+    stride_sr,
+    stride_dsm,
+    stride_dsr,
+    stride_dbn,
+    stride_dbr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # One pass over a [BLOCK_M, N] stripe of dY: dS for these rows, and this stripe's share of dB (atomically).
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    s = tl.load(
+        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+        mask=mask_m[:, None] & mask_r[None, :],
+        other=0.0,
+    ).to(DOT_DTYPE)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=mask_m[:, None] & mask_n[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        b = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            mask=mask_n[:, None] & mask_r[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        ds += tl.dot(dy, b)
+        db = tl.dot(tl.trans(dy), s)
+        tl.atomic_add(
+            db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+            db,
+            mask=mask_n[:, None] & mask_r[None, :],
+        )
+    tl.store(
+        ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr, ds, mask=mask_m[:, None] & mask_r[None, :]
+    )
+
+
+def lora_grad_dy(
+    grad_out: torch.Tensor, lora_B: torch.Tensor, shrunk: torch.Tensor, dot_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics: dS = dY @ B, dB = dY.T @ S, from one read of dY; both fp32.
+
+    Shapes: dY [M, N], B [N, R], S [M, R]. Returns dS [M, R], dB [N, R].
+    """
+    M, N = grad_out.shape
+    R = lora_B.shape[1]
+    if lora_B.shape[0] != N or shrunk.shape != (M, R):
+        raise ValueError(
+            f"lora_grad_dy: dY {tuple(grad_out.shape)}, B {tuple(lora_B.shape)} and S "
+            f"{tuple(shrunk.shape)} don't fit together."
+        )
+    grad_s = torch.empty(M, R, device=grad_out.device, dtype=torch.float32)
+    grad_b = torch.zeros(N, R, device=grad_out.device, dtype=torch.float32)
+    if M == 0:
+        return grad_s, grad_b
+    block_m = 32 if _on_interpreter(grad_out) else 64
+    block_n = 32 if _on_interpreter(grad_out) else 128
+    _lora_grad_dy_kernel[(triton.cdiv(M, block_m),)](
+        grad_out,
+        lora_B,
+        shrunk,
+        grad_s,
+        grad_b,
+        M,
+        N,
+        R,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        shrunk.stride(0),
+        shrunk.stride(1),
+        grad_s.stride(0),
+        grad_s.stride(1),
+        grad_b.stride(0),
+        grad_b.stride(1),
+        DOT_DTYPE=_TORCH_TO_TL[dot_dtype or grad_out.dtype],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=_rank_block(R),
+    )
+    return grad_s, grad_b
+
+
+@triton.jit
+def _lora_grad_a_kernel(
+    ds_ptr,
+    x_ptr,
+    da_ptr,
+    M,
+    K,
+    R,
+    stride_dsm,
+    stride_dsr,
+    stride_xm,
+    stride_xk,
+    stride_dar,
+    stride_dak,
+    seed,
+    p,
+    APPLY_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        ds = tl.load(
+            ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+            mask=mask_m[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        if APPLY_DROPOUT:
+            keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
+        acc += tl.dot(tl.trans(ds.to(DOT_DTYPE)), x.to(DOT_DTYPE))
+    tl.store(
+        da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
+        acc,
+        mask=mask_r[:, None] & mask_k[None, :],
+    )
+
+
+def lora_grad_a(
+    grad_s: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: int = 0, dot_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Semantics: dA = dS.T @ dropout(x, p; seed), in fp32 (the same mask as `lora_shrink` with that seed).
+
+    Shapes: dS [M, R], x [M, K]. Returns dA [R, K].
+    """
+    M, K = x.shape
+    R = grad_s.shape[1]
+    if grad_s.shape[0] != M:
+        raise ValueError(f"lora_grad_a: dS has {grad_s.shape[0]} rows but x has {M}.")
+    grad_a = torch.zeros(R, K, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return grad_a
+    block_m = 32 if _on_interpreter(x) else 64
+    block_k = 32 if _on_interpreter(x) else 128
+    _lora_grad_a_kernel[(triton.cdiv(K, block_k),)](
+        grad_s,
+        x,
+        grad_a,
+        M,
+        K,
+        R,
+        grad_s.stride(0),
+        grad_s.stride(1),
+        x.stride(0),
+        x.stride(1),
+        grad_a.stride(0),
+        grad_a.stride(1),
+        seed,
+        dropout_p,
+        APPLY_DROPOUT=dropout_p > 0,
+        DOT_DTYPE=_TORCH_TO_TL[dot_dtype or x.dtype],
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_R=_rank_block(R),
+    )
+    return grad_a
+
+
+@triton.jit
+def _dropout_keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.rand(seed, offs) >= p, mask=offs < M * K)
+
+
+def dropout_keep_mask(M: int, K: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Semantics: keep[m, k] = rand(seed, m * K + k) >= p, the mask the kernels apply to x [M, K] for `seed`.
+
+    Returns a bool tensor [M, K]; tests use it to build the reference with the very same mask.
+    """
+    keep = torch.empty(M, K, device=device, dtype=torch.bool)
+    if M * K:
+        _dropout_keep_mask_kernel[(triton.cdiv(M * K, 1024),)](keep, M, K, seed, p, BLOCK=1024)
+    return keep

@@ -1,0 +1,198 @@
+"""The fused LoRA linear kernels against the torch reference: forward and every gradient, odd shapes, ranks 1..64,
+fp32/fp16/bf16 inputs, bias, dropout with the same mask in forward and backward, several adapters.
+
+Without a GPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), which checks indexing, masking
+and math; tests marked `gpu` repeat the check with real bf16 tensor-core math.
+"""
+
+import pytest
+import torch
+from tolerances import KERNEL, assert_close
+
+from peftfast import ops
+from peftfast.ops import autograd
+
+pytest.importorskip("triton")
+from peftfast.kernels import lora_linear as kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _problem(M, K, N, ranks, dtype, with_bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(DEVICE)
+
+    x = rand(M, K).to(dtype)
+    weight = rand(N, K, scale=K**-0.5).to(dtype)
+    bias = rand(N).to(dtype) if with_bias else None
+    lora_A = [rand(r, K, scale=K**-0.5) for r in ranks]
+    lora_B = [rand(N, r, scale=r**-0.5) for r in ranks]
+    scaling = [2.0 / (i + 1) for i in range(len(ranks))]
+    return x, weight, bias, lora_A, lora_B, scaling
+
+
+def _reference(x, weight, bias, lora_A, lora_B, scaling, masks, dropout_p, dtype=torch.float32):
+    """y = x W^T + b + sum_i s_i (x * keep_i / (1 - p_i)) A_i^T B_i^T, all in `dtype`."""
+    y = x.to(dtype) @ weight.to(dtype).T + (bias.to(dtype) if bias is not None else 0)
+    for A, B, s, keep, p in zip(lora_A, lora_B, scaling, masks, dropout_p):
+        dropped = x.to(dtype) * keep / (1 - p) if p > 0 else x.to(dtype)
+        y = y + s * (dropped @ A.to(dtype).T @ B.to(dtype).T)
+    return y
+
+
+def _run_both(M, K, N, ranks, dtype, dropout_p, with_bias=True, seed=1234):
+    x, weight, bias, lora_A, lora_B, scaling = _problem(M, K, N, ranks, dtype, with_bias)
+    masks = [
+        kernels.dropout_keep_mask(M, K, p, autograd._adapter_seed(seed, i), DEVICE) for i, p in enumerate(dropout_p)
+    ]
+    leaves = [x, *lora_A, *lora_B]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    y, _ = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    grad_y = torch.randn_like(y)
+    got = [y, *torch.autograd.grad(y, leaves, grad_y)]
+    y_ref = _reference(x, weight, bias, lora_A, lora_B, scaling, masks, dropout_p)
+    want = [y_ref, *torch.autograd.grad(y_ref, leaves, grad_y.float())]
+    return got, want
+
+
+SHAPES = [(7, 37, 45), (33, 64, 17), (1, 123, 5), (70, 19, 130)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("rank", [1, 7, 16, 64])
+def test_forward_and_gradients_fp32(shape, rank):
+    got, want = _run_both(*shape, [rank], torch.float32, [0.0])
+    for actual, expected in zip(got, want):
+        assert_close(actual, expected, kind="kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_half_precision_inputs_within_twice_torch_error(dtype, with_bias):
+    """Error against an fp32 reference at most ~2x the error torch makes doing the same math in `dtype`."""
+    M, K, N = 33, 45, 29
+    x, weight, bias, lora_A, lora_B, scaling = _problem(M, K, N, [7], dtype, with_bias)
+    y, _ = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, [0.0], 0)
+    assert y.dtype == dtype
+    ones = [torch.ones(M, K, device=DEVICE)]
+    exact = _reference(x, weight, bias, lora_A, lora_B, scaling, ones, [0.0], torch.float64)
+    torch_in_dtype = ops.reference.lora_linear(
+        x, weight, bias, [a.to(dtype) for a in lora_A], [b.to(dtype) for b in lora_B], [None], scaling, [0.0], False
+    )
+    kernel_error = (y.double() - exact).abs().max().item()
+    torch_error = (torch_in_dtype.double() - exact).abs().max().item()
+    assert kernel_error <= 2 * torch_error + KERNEL[dtype]["atol"]
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_dropout_mask_same_in_forward_and_backward(dropout_p):
+    got, want = _run_both(29, 41, 23, [8], torch.float32, [dropout_p])
+    for actual, expected in zip(got, want):
+        assert_close(actual, expected, kind="kernel")
+
+
+def test_dropout_mask_is_random_with_rate_p():
+    keep = kernels.dropout_keep_mask(64, 257, 0.3, seed=7, device=DEVICE)
+    assert 0.65 < keep.float().mean().item() < 0.75
+    assert not torch.equal(keep, kernels.dropout_keep_mask(64, 257, 0.3, seed=8, device=DEVICE))
+    assert torch.equal(keep, kernels.dropout_keep_mask(64, 257, 0.3, seed=7, device=DEVICE))
+
+
+@pytest.mark.parametrize("dropout_p", [[0.0, 0.0], [0.2, 0.0], [0.2, 0.4]], ids=["no-dropout", "one", "both"])
+def test_several_adapters(dropout_p):
+    got, want = _run_both(21, 35, 27, [3, 16], torch.float32, dropout_p)
+    for actual, expected in zip(got, want):
+        assert_close(actual, expected, kind="kernel")
+
+
+def test_empty_batch():
+    x, weight, bias, lora_A, lora_B, scaling = _problem(0, 12, 9, [4], torch.float32)
+    y, shrunk = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, [0.0], 0)
+    assert y.shape == (0, 9) and shrunk.shape == (0, 4)
+
+
+def test_public_op_on_triton_backend_batched_and_non_contiguous():
+    x, weight, bias, lora_A, lora_B, scaling = _problem(30, 24, 20, [5], torch.float32)
+    x3 = x.reshape(5, 6, 24).transpose(0, 1)
+    assert not x3.is_contiguous()
+    with ops.use_backend("triton"):
+        y = ops.lora_linear(x3, weight, bias, lora_A, lora_B, [None], scaling, [0.0], training=False)
+    assert ops.last_backend("lora_linear") == "triton"
+    expected = ops.reference.lora_linear(x3, weight, bias, lora_A, lora_B, [None], scaling, [0.0], False)
+    assert y.shape == (6, 5, 20)
+    assert_close(y, expected, kind="kernel")
+
+
+def test_dropout_ignored_in_eval():
+    x, weight, bias, lora_A, lora_B, scaling = _problem(9, 16, 8, [4], torch.float32)
+    with ops.use_backend("triton"):
+        y = ops.lora_linear(x, weight, bias, lora_A, lora_B, [None], scaling, [0.9], training=False)
+    assert_close(
+        y, ops.reference.lora_linear(x, weight, bias, lora_A, lora_B, [None], scaling, [0.0], False), kind="kernel"
+    )
+
+
+def test_calls_the_kernels_cannot_serve_fall_back_or_raise():
+    x, weight, bias, lora_A, lora_B, scaling = _problem(4, 8, 6, [2], torch.float32)
+    lora_B_bias = [torch.randn(6, device=DEVICE)]
+    with ops.use_backend("auto"):
+        ops.lora_linear(x, weight, bias, lora_A, lora_B, lora_B_bias, scaling, [0.0], training=False)
+    assert ops.last_backend("lora_linear") == "torch"
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="cannot run"):
+        ops.lora_linear(x, weight, bias, lora_A, lora_B, lora_B_bias, scaling, [0.0], training=False)
+
+
+def test_torch_compile_traces_the_custom_op():
+    x, weight, bias, lora_A, lora_B, scaling = _problem(10, 16, 12, [4], torch.float32)
+
+    def layer(x):
+        with ops.use_backend("triton"):
+            return ops.lora_linear(x, weight, bias, lora_A, lora_B, [None], scaling, [0.0], training=False)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert_close(compiled(x), layer(x), kind="kernel")
+
+
+def test_whole_llama_trains_the_same_on_both_backends():
+    from models import tiny_llama
+
+    from peftfast import LoraConfig, get_peft_model
+
+    results = {}
+    for backend in ("torch", "triton"):
+        model = get_peft_model(
+            tiny_llama(seed=3), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        )
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+        losses = []
+        with ops.use_backend(backend):
+            for _ in range(3):
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+        assert ops.last_backend("lora_linear") == backend
+        results[backend] = (losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
+    for name, value in results["torch"][1].items():
+        assert_close(results["triton"][1][name], value, kind="kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_tensor_core_math_large_shape(dtype):
+    M, K, N = 1000, 1024, 1536
+    x, weight, bias, lora_A, lora_B, scaling = _problem(M, K, N, [16], dtype)
+    y, _ = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, [0.0], 0)
+    ones = [torch.ones(M, K, device=DEVICE)]
+    exact = _reference(x, weight, bias, lora_A, lora_B, scaling, ones, [0.0], torch.float64)
+    torch_in_dtype = ops.reference.lora_linear(
+        x, weight, bias, [a.to(dtype) for a in lora_A], [b.to(dtype) for b in lora_B], [None], scaling, [0.0], False
+    )
+    assert (y.double() - exact).abs().max() <= 2 * (torch_in_dtype.double() - exact).abs().max() + 1e-3
