@@ -24,6 +24,11 @@ _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bflo
 MIN_DOT = 16
 
 
+def _precision(dot_dtype: torch.dtype) -> str:
+    # fp32 dots would run as TF32 on GPUs by default; torch's fp32 matmuls don't, and the results must match them.
+    return "ieee" if dot_dtype == torch.float32 else "tf32"
+
+
 def _rank_block(r: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(r))
 
@@ -84,6 +89,7 @@ def _dual_matmul_kernel(
     MASK_SECOND: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -120,7 +126,7 @@ def _dual_matmul_kernel(
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+            acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
 
     if HAS_SECOND:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -137,7 +143,7 @@ def _dual_matmul_kernel(
                 mask=mask_r[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            acc2 += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE))
+            acc2 += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE), input_precision=PRECISION)
         if MASK_SECOND:
             flat = offs_m[:, None] * N + offs_n[None, :]
             keep = tl.rand(seed, flat) >= p
@@ -153,9 +159,11 @@ def _dual_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_dual_matmul_tuned = triton.autotune(configs=dual_matmul_configs(), key=["M", "N", "K1", "K2"], reset_to_zero=[])(
-    _dual_matmul_kernel
-)
+# restore_value: autotuning runs the kernel several times, which would add into `out` again and again when
+# ACCUMULATE is set.
+_dual_matmul_tuned = triton.autotune(
+    configs=dual_matmul_configs(), key=["M", "N", "K1", "K2"], restore_value=["out_ptr"]
+)(_dual_matmul_kernel)
 
 
 def _on_interpreter(tensor: torch.Tensor) -> bool:
@@ -211,6 +219,7 @@ def dual_matmul(
         MASK_SECOND=dropout_p > 0,
         ACCUMULATE=accumulate,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or ref.dtype],
+        PRECISION=_precision(dot_dtype or ref.dtype),
         BLOCK_R=_rank_block(min(K2, 64)) if K2 else MIN_DOT,
     )
     args = (
@@ -270,6 +279,7 @@ def _lora_shrink_kernel(
     scale,
     APPLY_DROPOUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -296,7 +306,7 @@ def _lora_shrink_kernel(
             mask=mask_k[:, None] & mask_r[None, :],
             other=0.0,
         )
-        acc += tl.dot(x.to(DOT_DTYPE), a.to(DOT_DTYPE))
+        acc += tl.dot(x.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision=PRECISION)
     tl.store(
         out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or,
         acc * scale,
@@ -345,6 +355,7 @@ def lora_shrink(
         scale,
         APPLY_DROPOUT=dropout_p > 0,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or x.dtype],
+        PRECISION=_precision(dot_dtype or x.dtype),
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_R=_rank_block(R),
@@ -373,6 +384,7 @@ def _lora_grad_dy_kernel(
     stride_dbn,
     stride_dbr,
     DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -402,8 +414,8 @@ def _lora_grad_dy_kernel(
             mask=mask_n[:, None] & mask_r[None, :],
             other=0.0,
         ).to(DOT_DTYPE)
-        ds += tl.dot(dy, b)
-        db = tl.dot(tl.trans(dy), s)
+        ds += tl.dot(dy, b, input_precision=PRECISION)
+        db = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
         tl.atomic_add(
             db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
             db,
@@ -454,6 +466,7 @@ def lora_grad_dy(
         grad_b.stride(0),
         grad_b.stride(1),
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or grad_out.dtype],
+        PRECISION=_precision(dot_dtype or grad_out.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=_rank_block(R),
@@ -479,6 +492,7 @@ def _lora_grad_a_kernel(
     p,
     APPLY_DROPOUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -505,7 +519,7 @@ def _lora_grad_a_kernel(
         if APPLY_DROPOUT:
             keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
             x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
-        acc += tl.dot(tl.trans(ds.to(DOT_DTYPE)), x.to(DOT_DTYPE))
+        acc += tl.dot(tl.trans(ds.to(DOT_DTYPE)), x.to(DOT_DTYPE), input_precision=PRECISION)
     tl.store(
         da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
         acc,
@@ -546,6 +560,7 @@ def lora_grad_a(
         dropout_p,
         APPLY_DROPOUT=dropout_p > 0,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or x.dtype],
+        PRECISION=_precision(dot_dtype or x.dtype),
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_R=_rank_block(R),
