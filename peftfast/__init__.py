@@ -14,7 +14,15 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 from .tuners import LoraConfig, LoraModel
-from .utils import PeftType, TaskType, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .tuners.tuners_utils import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .utils import (
+    PeftType,
+    TaskType,
+    cast_mixed_precision_params,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 from .version import __version__
 
 __all__ = [
@@ -29,7 +37,12 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "__version__",
+    "cast_mixed_precision_params",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -13,7 +14,14 @@ from torch import nn
 
 from .config import PeftConfig
 from .mapping import PEFT_TYPE_TO_TUNER_MAPPING, _tuner_class
-from .tuners.tuners_utils import BaseTunerLayer, count_parameters
+from .tuners.tuners_utils import (
+    BaseTunerLayer,
+    TunerLayerStatus,
+    TunerModelStatus,
+    count_parameters,
+    get_layer_status,
+    get_model_status,
+)
 from .utils.constants import SAFETENSORS_WEIGHTS_NAME, SEQ_CLS_HEAD_NAMES, TOKEN_CLS_HEAD_NAMES, WEIGHTS_NAME
 from .utils.other import ModulesToSaveWrapper
 from .utils.peft_types import TaskType
@@ -56,14 +64,13 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
-        self.modules_to_save: set[str] | None = None
         self.peft_type = peft_config.peft_type
+        self._adapters_disabled = False
         tuner_cls = _tuner_class(peft_config)
         kwargs = {"low_cpu_mem_usage": low_cpu_mem_usage}
         if "autocast_adapter_dtype" in tuner_cls.__init__.__code__.co_varnames:
             kwargs["autocast_adapter_dtype"] = autocast_adapter_dtype
         self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, **kwargs)
-        self._update_modules_to_save(peft_config)
         if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):
             self.base_model.config.pretraining_tp = 1
 
@@ -76,10 +83,13 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def _update_modules_to_save(self, peft_config: PeftConfig) -> None:
-        names = getattr(peft_config, "modules_to_save", None)
-        if names:
-            self.modules_to_save = set(names) if self.modules_to_save is None else self.modules_to_save | set(names)
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The modules_to_save names of all adapters (None when there are none), as in HF PEFT."""
+        names: set[str] = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or [])
+        return names or None
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
@@ -126,19 +136,47 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block (merged adapters are unmerged)."""
-        self.base_model.disable_adapter_layers()
+        """Run the base model alone inside the block: every adapter layer and modules_to_save copy is off (merged
+        adapters get unmerged). On exit the adapters are turned back on, unless they were all off before."""
+        status = self.get_model_status()
+        if status.enabled == "irregular":
+            warnings.warn(
+                "Some adapter layers are enabled and others disabled; after the disable_adapter block all of them "
+                "will be enabled.",
+                stacklevel=3,
+            )
+        was_disabled = self._adapters_disabled
         try:
+            self.base_model.disable_adapter_layers()
+            self._adapters_disabled = True
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            if status.enabled is not False:
+                self.base_model.enable_adapter_layers()
+            self._adapters_disabled = was_disabled
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """The status of each adapter layer (see `peftfast.tuners.tuners_utils.get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The status of the model's adapters (see `peftfast.tuners.tuners_utils.get_model_status`)."""
+        return get_model_status(self)
 
     def _check_adapter_name(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; available adapters: {list(self.peft_config)}.")
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new, inactive adapter (make it active with `set_adapter`)."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new adapter, inactive and frozen (activate it with `set_adapter`); the trainability of everything
+        already in the model stays as it was. `low_cpu_mem_usage` leaves its weights on the meta device, to be
+        loaded into; `autocast_adapter_dtype` keeps them in fp32 on an fp16/bf16 base."""
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name or delete it first.")
         model_type = getattr(self.peft_type, "value", self.peft_type)
@@ -154,17 +192,24 @@ class PeftModel(nn.Module):
         except Exception:
             del self.peft_config[adapter_name]
             raise
-        self.base_model._mark_only_adapters_as_trainable(self.get_base_model())
-        self._update_modules_to_save(peft_config)
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate an adapter (or several, whose deltas add up); active adapters train, the others are frozen."""
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        cast = getattr(self.base_model, "_cast_adapter_dtype", None)
+        if cast is not None:
+            cast(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate an adapter (or, beyond HF PEFT's PeftModel, a list of adapters whose deltas add up). Active
+        adapters become trainable unless `inference_mode`; the others are frozen."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_adapter_name(name)
-        self.base_model.set_adapter(adapter_name)
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (it must not be merged). If it was active, the first remaining adapter by name becomes
+        active."""
         self._check_adapter_name(adapter_name)
         self.base_model.delete_adapter(adapter_name)
 
@@ -217,12 +262,13 @@ class PeftModel(nn.Module):
                 base_config = getattr(self.get_base_model(), "config", None)
                 saved_config.base_model_name_or_path = getattr(base_config, "name_or_path", None) or None
             saved_config.inference_mode = True
-            saved_config.save_pretrained(output_dir, auto_mapping_dict=self._auto_mapping())
+            saved_config.save_pretrained(output_dir, auto_mapping_dict=self._auto_mapping(config))
 
-    def _auto_mapping(self) -> dict[str, str] | None:
-        base = self.get_base_model()
-        if getattr(base, "config", None) is not None and type(base).__module__.startswith("transformers"):
+    def _auto_mapping(self, config: PeftConfig) -> dict[str, str] | None:
+        # As HF PEFT: without a task type the base model's class is recorded, whatever library it comes from.
+        if config.task_type is not None:
             return None
+        base = self.get_base_model()
         return {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
 
     @classmethod
@@ -258,8 +304,12 @@ class PeftModel(nn.Module):
         try:
             peft_model._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
         except Exception:
+            # Not unload(): that would leave modules_to_save copies (holding the file's weights) in the model.
+            _remove_adapter_modules(model, keep=set())
             peft_model.base_model.unload()
             raise
+        # Weights assigned from the file (low_cpu_mem_usage) carry the file's dtype: apply the dtype policy again.
+        peft_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         return peft_model
 
     def _load_weights(
@@ -304,12 +354,19 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, device=torch_device, subfolder=kwargs.get("subfolder"))
+        base = self.get_base_model()
+        had_adapter_modules = {name for name, module in base.named_modules() if _is_adapter_module(module)}
+        targeted_module_names = list(self.targeted_module_names)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
             result = self._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
         except Exception:
+            # Leave the model as it was: no trace of the new adapter, not even layers that only it had wrapped.
             self.delete_adapter(adapter_name)
+            _remove_adapter_modules(base, keep=had_adapter_modules)
+            self.targeted_module_names[:] = targeted_module_names
             raise
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         # The new adapter stays inactive; like HF PEFT, it only trains if asked to.
         if is_trainable:
             self.set_requires_grad(adapter_name)
@@ -332,6 +389,21 @@ class PeftModel(nn.Module):
                         module.modules_to_save[name].requires_grad_(requires_grad)
 
 
+def _is_adapter_module(module: nn.Module) -> bool:
+    return isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
+
+
+def _remove_adapter_modules(model: nn.Module, keep: set[str]) -> None:
+    """Put back the original module of every adapter layer and modules_to_save wrapper in `model` whose name is not
+    in `keep`: undoes the injection of an adapter whose loading failed."""
+    for name, module in list(model.named_modules()):
+        if name in keep or not _is_adapter_module(module):
+            continue
+        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module.get_base_layer()
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, original)
+
+
 class PeftModelForCausalLM(PeftModel):
     """PeftModel for decoder-only language models (`generate` passes `adapter_names` through)."""
 
@@ -348,16 +420,24 @@ class _HeadTrainingModel(PeftModel):
     head_names: list[str] = []
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> None:
-        # The head goes into modules_to_save before injection so LoRA layers are never put inside it.
-        if hasattr(peft_config, "modules_to_save"):
-            present = [
-                name
-                for name in self.head_names
-                if any(key == name or key.endswith(f".{name}") for key, _ in model.named_modules())
-            ]
-            extra = [name for name in present if name not in (peft_config.modules_to_save or [])]
-            peft_config.modules_to_save = list(peft_config.modules_to_save or []) + extra
+        self._add_heads_to_modules_to_save(model, peft_config)
         super().__init__(model, peft_config, adapter_name, **kwargs)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **kwargs: Any) -> None:
+        self._add_heads_to_modules_to_save(self.get_base_model(), peft_config)
+        super().add_adapter(adapter_name, peft_config, **kwargs)
+
+    def _add_heads_to_modules_to_save(self, model: nn.Module, peft_config: PeftConfig) -> None:
+        # The head goes into modules_to_save before injection so LoRA layers are never put inside it. As HF PEFT,
+        # every head name is listed once the model has one of them.
+        if not hasattr(peft_config, "modules_to_save"):
+            return
+        has_head = any(
+            key == name or key.endswith(f".{name}") for key, _ in model.named_modules() for name in self.head_names
+        )
+        listed = peft_config.modules_to_save or []
+        extra = [name for name in self.head_names if name not in listed] if has_head else []
+        peft_config.modules_to_save = list(listed) + extra
 
 
 class PeftModelForSequenceClassification(_HeadTrainingModel):

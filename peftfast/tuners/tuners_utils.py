@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import re
 import warnings
-from collections.abc import Iterable
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -17,7 +19,7 @@ from ..utils.constants import (
     SEQ_CLS_HEAD_NAMES,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
 )
-from ..utils.other import ModulesToSaveWrapper, get_submodules, set_trainable_modules
+from ..utils.other import ModulesToSaveWrapper, get_submodules, init_empty_weights, set_trainable_modules
 from ..utils.peft_types import TaskType
 
 
@@ -162,11 +164,20 @@ class BaseTunerLayer:
         return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
 
     def _all_available_adapter_names(self) -> list[str]:
-        names: list[str] = []
+        """Every adapter with any state on this layer, sorted (HF PEFT's order, used to pick a new active one)."""
+        names: set[str] = set()
         for attr in self.adapter_layer_names + self.other_param_names:
             holder = getattr(self, attr)
             if hasattr(holder, "keys"):
-                names.extend(name for name in holder.keys() if name not in names)
+                names.update(holder.keys())
+        return sorted(names)
+
+    def _get_available_adapters(self) -> set[str]:
+        """The adapters that have weights on this layer."""
+        names: set[str] = set()
+        for holder in self._adapter_holders():
+            if isinstance(holder, (nn.ModuleDict, nn.ParameterDict)):
+                names.update(holder.keys())
         return names
 
     def _adapter_holders(self) -> Iterable[nn.Module | nn.ParameterDict]:
@@ -191,8 +202,17 @@ class BaseTunerLayer:
                 item.requires_grad_(name in adapter_names and not inference_mode)
         self._active_adapter = adapter_names if len(adapter_names) != 1 else adapter_names[0]
 
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' weights on or off, whether they are active or not."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for holder in self._adapter_holders():
+            for name, item in holder.items():
+                if name in names:
+                    item.requires_grad_(requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove `adapter_name` from this layer; if it was active, the first remaining adapter becomes active."""
+        """Remove `adapter_name` from this layer. If it was active, the other active adapters stay active; if none
+        is left, the first remaining adapter (sorted by name) becomes active, as in HF PEFT."""
         for attr in self.adapter_layer_names + self.other_param_names:
             holder = getattr(self, attr)
             if adapter_name in holder:
@@ -200,8 +220,7 @@ class BaseTunerLayer:
         if adapter_name in self.active_adapters:
             remaining = [name for name in self.active_adapters if name != adapter_name]
             if not remaining:
-                others = self._all_available_adapter_names()
-                remaining = others[:1]
+                remaining = self._all_available_adapter_names()[:1]
             if remaining:
                 self.set_adapter(remaining)
             else:
@@ -327,9 +346,18 @@ class BaseTuner(nn.Module):
         for key in matched:
             parent, target, target_name = get_submodules(model, key)
             replacements.append((key, parent, target, target_name))
+        # As HF PEFT: adding an adapter next to others leaves the trainability of every parameter already there as it
+        # was; only the first injection freezes the base model.
+        has_adapters = any(isinstance(module, BaseTunerLayer) for module in model.modules())
+        previous_requires_grad = [
+            (param, param.requires_grad)
+            for name, param in model.named_parameters()
+            if has_adapters and f".{adapter_name}." not in name and not name.endswith(f".{adapter_name}")
+        ]
         try:
-            for key, parent, target, target_name in replacements:
-                self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+            with init_empty_weights() if low_cpu_mem_usage else nullcontext():
+                for key, parent, target, target_name in replacements:
+                    self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
         except Exception:
             for _, parent, target, name in replacements:
                 current = getattr(parent, name)
@@ -340,13 +368,20 @@ class BaseTuner(nn.Module):
                     setattr(parent, name, target)
             raise
         self.targeted_module_names.extend(key for key in matched if key not in self.targeted_module_names)
+        # A layer created for this adapter starts with it active: make every layer follow the tuner's active adapters
+        # (a new adapter is inactive unless it is the first one) and freeze whatever is not active.
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
-        if config.inference_mode:
-            for name, param in model.named_parameters():
-                if adapter_name in name:
-                    param.requires_grad_(False)
         if getattr(config, "modules_to_save", None):
-            set_trainable_modules(model, adapter_name, config.modules_to_save, inference_mode=config.inference_mode)
+            set_trainable_modules(
+                model,
+                adapter_name,
+                config.modules_to_save,
+                inference_mode=config.inference_mode,
+                activate_adapter=adapter_name in self.active_adapters,
+            )
+        for param, requires_grad in previous_requires_grad:
+            param.requires_grad_(requires_grad)
 
     def _tuner_layers(self) -> Iterable[BaseTunerLayer]:
         return (module for module in self.model.modules() if isinstance(module, BaseTunerLayer))
@@ -366,15 +401,66 @@ class BaseTuner(nn.Module):
                 module.set_adapter(names, inference_mode=inference_mode)
         self.active_adapter = names if len(names) != 1 else names[0]
 
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters (and their modules_to_save copies) on or off, active or not."""
+        for module in self.model.modules():
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                module.set_requires_grad(adapter_names, requires_grad=requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer and from the config.
+
+        A merged adapter can't be deleted (its delta is in the base weights): unmerge first. If it was active, the
+        other active adapters stay active; if none is left, the first remaining adapter by name becomes active (as in
+        HF PEFT), with a warning.
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {list(self.peft_config)}.")
+        still_merged = [module for module in self._tuner_layers() if adapter_name in module.merged_adapters]
+        if still_merged:
+            raise ValueError(
+                f"Can't delete adapter {adapter_name!r} while it is merged into the base weights; call "
+                "unmerge_adapter() first."
+            )
+        del self.peft_config[adapter_name]
+        was_active = adapter_name in self.active_adapters
+        remaining = [name for name in self.active_adapters if name != adapter_name]
+        if was_active and not remaining and self.peft_config:
+            remaining = sorted(self.peft_config)[:1]
+            warnings.warn(
+                f"Adapter {adapter_name!r} was active and is now deleted; {remaining[0]!r} is the active adapter.",
+                stacklevel=2,
+            )
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.delete_adapter(adapter_name)
+                if was_active:
+                    # Every layer follows one model-wide choice (a layer alone would pick among its own adapters, and
+                    # layers could disagree). Like HF PEFT, the new active adapters are made trainable.
+                    module.set_adapter(remaining)
+            elif isinstance(module, ModulesToSaveWrapper):
+                module.delete_adapter(adapter_name, remaining)
+        self.active_adapter = remaining if len(remaining) != 1 else remaining[0]
+
     def _set_adapter_layers(self, enabled: bool) -> None:
         for module in self.model.modules():
             if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
                 module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
+        """Turn every adapter layer back on (the active adapters train again)."""
         self._set_adapter_layers(True)
 
     def disable_adapter_layers(self) -> None:
+        """Turn every adapter layer off: the output is the base model's (merged adapters get unmerged first)."""
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none":
+                warnings.warn(
+                    f"Adapter {name!r} trains biases (bias={bias!r}); with the adapters disabled those biases still "
+                    "apply, so the output is not the base model's.",
+                    stacklevel=2,
+                )
         self._set_adapter_layers(False)
 
     @contextmanager
@@ -385,11 +471,23 @@ class BaseTuner(nn.Module):
         finally:
             self.enable_adapter_layers()
 
+    def _check_safe_merge(self, adapter_names: list[str] | None) -> None:
+        # Every layer is checked before any is merged, so a broken adapter leaves the whole model untouched.
+        for name, module in self.model.named_modules():
+            if isinstance(module, BaseTunerLayer) and hasattr(module, "_check_safe_merge"):
+                module._check_safe_merge(adapter_names, name)
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' deltas (the active adapters when `adapter_names` is None) into the base weights; the
+        adapter weights are kept, so `unmerge_adapter` can undo it. With `safe_merge`, a NaN/inf in any merged
+        weight raises a ValueError before any weight is changed."""
+        if safe_merge:
+            self._check_safe_merge(adapter_names)
         for module in self._tuner_layers():
             module.merge(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter's delta from the base weights again."""
         for module in self._tuner_layers():
             module.unmerge()
 
@@ -417,3 +515,175 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += count
     return trainable, total
+
+
+@dataclass
+class TunerLayerStatus:
+    """State of one adapter layer (or modules_to_save wrapper), as HF PEFT reports it.
+
+    `requires_grad` maps each adapter to True/False, or "irregular" when its weights on this layer disagree;
+    `devices` maps each adapter to the device types its weights are on.
+    """
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, bool | Literal["irregular"]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: str | None
+
+
+@dataclass
+class TunerModelStatus:
+    """State of all adapter layers of a model, as HF PEFT reports it; "irregular" where the layers disagree."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: bool | Literal["irregular"]
+    active_adapters: list[str] | Literal["irregular"]
+    merged_adapters: list[str] | Literal["irregular"]
+    requires_grad: dict[str, bool | Literal["irregular"]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: str | None | Literal["irregular"]
+
+
+def _peft_model_tuner(model: nn.Module) -> BaseTuner | None:
+    """The tuner of a `PeftModel`, None for any other module (checked by type: transformers models have a
+    `base_model` attribute too)."""
+    from ..peft_model import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return None
+    if not isinstance(model.base_model, BaseTuner):
+        raise TypeError(f"This PeftModel wraps a {type(model.base_model).__name__}, not an adapter tuner.")
+    return model.base_model
+
+
+def _agreement(values: Iterable[bool | str]) -> bool | Literal["irregular"]:
+    values = list(values)
+    if all(value is True for value in values):
+        return True
+    if all(value is False for value in values):
+        return False
+    return "irregular"
+
+
+def _quantization_backend_name(module: nn.Module) -> str | None:
+    backend = getattr(module, "quantization_backend", None)
+    if backend is None or isinstance(backend, str):
+        return backend
+    return getattr(backend, "backend_name", type(backend).__name__)
+
+
+def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
+    """The status of every adapter layer and modules_to_save wrapper in `model`.
+
+    `model` is a `PeftModel` (names are then relative to its tuner, e.g. "model.model.layers.0.self_attn.q_proj",
+    as in HF PEFT) or any module holding peftfast adapter layers. Raises ValueError when there are none.
+    """
+    tuner = _peft_model_tuner(model)
+    root = tuner if tuner is not None else model
+    statuses: list[TunerLayerStatus] = []
+    for name, module in root.named_modules():
+        if not isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            continue
+        grads: dict[str, list[bool]] = collections.defaultdict(list)
+        devices: dict[str, list[str]] = collections.defaultdict(list)
+        for attr in module.adapter_layer_names + module.other_param_names:
+            holder = getattr(module, attr)
+            if isinstance(holder, nn.ModuleDict):
+                items = {key: list(sub.parameters()) for key, sub in holder.items()}
+            elif isinstance(holder, nn.ParameterDict):
+                items = {key: [param] for key, param in holder.items()}
+            else:
+                continue
+            for key, params in items.items():
+                devices[key].extend(param.device.type for param in params)
+                if attr in module.adapter_layer_names:
+                    grads[key].extend(param.requires_grad for param in params)
+        statuses.append(
+            TunerLayerStatus(
+                name=name,
+                module_type=repr(module).partition("(")[0],
+                enabled=not module.disable_adapters,
+                active_adapters=list(module.active_adapters),
+                merged_adapters=list(module.merged_adapters),
+                requires_grad={key: _agreement(values) for key, values in grads.items()},
+                available_adapters=sorted(module._get_available_adapters()),
+                devices={key: sorted(set(values)) for key, values in devices.items()},
+                quantization_backend=_quantization_backend_name(module),
+            )
+        )
+    if not statuses:
+        raise ValueError(
+            f"No adapter layers found in this {type(model).__name__}: it is not a PeftModel and holds no peftfast "
+            "adapter layers."
+        )
+    return statuses
+
+
+def get_model_status(model: nn.Module) -> TunerModelStatus:
+    """The status of all adapter layers of `model` (a `PeftModel` or any module holding peftfast adapter layers),
+    summarised as HF PEFT does: a field the layers disagree on reads "irregular"."""
+    tuner = _peft_model_tuner(model)
+    if tuner is not None:
+        base_model_type = type(model.get_base_model()).__name__
+        adapter_model_type = type(tuner).__name__
+        peft_types = {name: getattr(cfg.peft_type, "value", cfg.peft_type) for name, cfg in tuner.peft_config.items()}
+    else:
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:
+            PreTrainedModel = ()
+        base_model_type = type(model).__name__ if isinstance(model, PreTrainedModel) else "other"
+        adapter_model_type = "None"
+        peft_types = {}
+    trainable_params, total_params = count_parameters(model)
+    layers = get_layer_status(model)
+
+    enabled_values = {status.enabled for status in layers}
+    enabled = enabled_values.pop() if len(enabled_values) == 1 else "irregular"
+
+    active_values = {tuple(status.active_adapters) for status in layers}
+    active_adapters = list(active_values.pop()) if len(active_values) == 1 else "irregular"
+
+    # An adapter merged on some layer must be merged on every layer that has it, else the merge state is irregular.
+    merged_anywhere = set().union(*(status.merged_adapters for status in layers))
+    merged_adapters: list[str] | Literal["irregular"] = sorted(merged_anywhere)
+    for status in layers:
+        if (set(status.available_adapters) - set(status.merged_adapters)) & merged_anywhere:
+            merged_adapters = "irregular"
+            break
+
+    grads: dict[str, list[bool | str]] = collections.defaultdict(list)
+    devices: dict[str, set[str]] = collections.defaultdict(set)
+    for status in layers:
+        for key, value in status.requires_grad.items():
+            grads[key].append(value)
+        for key, values in status.devices.items():
+            devices[key].update(values)
+
+    backends = {status.quantization_backend for status in layers}
+    return TunerModelStatus(
+        base_model_type=base_model_type,
+        adapter_model_type=adapter_model_type,
+        peft_types=peft_types,
+        trainable_params=trainable_params,
+        total_params=total_params,
+        num_adapter_layers=len(layers),
+        enabled=enabled,
+        active_adapters=active_adapters,
+        merged_adapters=merged_adapters,
+        requires_grad={key: _agreement(values) for key, values in grads.items()},
+        available_adapters=sorted(set().union(*(status.available_adapters for status in layers))),
+        devices={key: sorted(values) for key, values in devices.items()},
+        quantization_backend=backends.pop() if len(backends) == 1 else "irregular",
+    )

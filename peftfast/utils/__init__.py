@@ -1,5 +1,5 @@
 from .constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from .other import ModulesToSaveWrapper, get_submodules
+from .other import ModulesToSaveWrapper, cast_mixed_precision_params, get_submodules
 from .peft_types import PeftType, TaskType
 from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
@@ -10,6 +10,7 @@ __all__ = [
     "ModulesToSaveWrapper",
     "PeftType",
     "TaskType",
+    "cast_mixed_precision_params",
     "get_peft_model_state_dict",
     "get_submodules",
     "load_peft_weights",

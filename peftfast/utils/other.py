@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from .mixed_batch import AdapterRowGroups
 
 
 def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
@@ -21,17 +25,30 @@ class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module frozen and one trainable copy per adapter; forward runs the active adapter's copy.
 
     State dict keys: `<name>.original_module.*` and `<name>.modules_to_save.<adapter>.*`; adapter files store the
-    copy under the module's own path, `<name>.*`, as HF PEFT does.
+    copy under the module's own path, `<name>.*`, as HF PEFT does. Buffers are copied and saved too, so a
+    BatchNorm's running statistics belong to each adapter.
     """
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+    # Read by the layer/model status functions, as for adapter layers.
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, activate_adapter: bool = True) -> None:
         super().__init__()
         self.original_module = module_to_save
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter: str | list[str] = []
         self._disable_adapters = False
         self.update(adapter_name)
-        self.set_adapter(adapter_name)
+        self.set_adapter(adapter_name if activate_adapter else [])
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        # A whole-module copy is never merged into anything.
+        return []
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.modules_to_save.keys())
 
     @property
     def disable_adapters(self) -> bool:
@@ -72,21 +89,26 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module.requires_grad_(False)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        if adapter_names is not None:
+        if adapter_names is not None and not self.disable_adapters:
             return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
         return self._current_module()(*args, **kwargs)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Each row goes through its adapter's copy (the original module for "__base__" or an adapter without one)."""
         if len(x) != len(adapter_names):
-            raise ValueError(f"Got {len(adapter_names)} adapter_names for a batch of {len(x)} rows.")
-        outputs = [None] * len(x)
-        for name in dict.fromkeys(adapter_names):
-            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
+            raise ValueError(
+                f"Got {len(adapter_names)} adapter_names for a batch of {len(x)} rows; pass one name per row."
+            )
+        groups = AdapterRowGroups.of(adapter_names)
+        result = None
+        for name in groups.groups:
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            sub_output = module(x[rows], *args, **kwargs)
-            for position, row in enumerate(rows):
-                outputs[row] = sub_output[position]
-        return torch.stack(outputs)
+            rows = groups.rows(name, x.device)
+            output = module(x[rows], *args, **kwargs)
+            if result is None:
+                result = output.new_empty((len(x), *output.shape[1:]))
+            result[rows] = output
+        return result
 
     def enable_adapters(self, enabled: bool) -> None:
         if enabled:
@@ -111,6 +133,13 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[present[0]].requires_grad_(not inference_mode)
         self._active_adapter = present[0]
 
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' copies on or off, whether they are active or not."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name, module in self.modules_to_save.items():
+            if name in names:
+                module.requires_grad_(requires_grad)
+
     def delete_adapter(self, adapter_name: str, new_active_adapters: list[str] | None = None) -> None:
         if adapter_name not in self.modules_to_save:
             return
@@ -124,9 +153,15 @@ def _modules_to_save_matches(key: str, names: list[str]) -> bool:
 
 
 def set_trainable_modules(
-    model: nn.Module, adapter_name: str, module_names: list[str], inference_mode: bool = False
+    model: nn.Module,
+    adapter_name: str,
+    module_names: list[str],
+    inference_mode: bool = False,
+    activate_adapter: bool = True,
 ) -> None:
-    """Wrap every module named in `module_names` (name or name suffix) in a `ModulesToSaveWrapper`."""
+    """Wrap every module named in `module_names` (name or name suffix) in a `ModulesToSaveWrapper`, or give an
+    existing wrapper a copy for `adapter_name`. A new wrapper uses the copy only if `activate_adapter` (an adapter
+    added next to the active one stays inactive: the original module keeps running)."""
     keys = [key for key, _ in model.named_modules()]
     found = False
     for key in keys:
@@ -137,12 +172,39 @@ def set_trainable_modules(
         parent, target, target_name = get_submodules(model, key)
         if isinstance(target, ModulesToSaveWrapper):
             target.update(adapter_name)
-            target.set_adapter(target.active_adapters or adapter_name)
+            target.set_adapter(target.active_adapters, inference_mode=inference_mode)
         else:
-            setattr(parent, target_name, ModulesToSaveWrapper(target, adapter_name))
-        wrapper = getattr(parent, target_name)
-        if inference_mode:
-            wrapper.modules_to_save[adapter_name].requires_grad_(False)
+            wrapper = ModulesToSaveWrapper(target, adapter_name, activate_adapter=activate_adapter)
+            wrapper.set_adapter(wrapper.active_adapters, inference_mode=inference_mode)
+            setattr(parent, target_name, wrapper)
         found = True
     if not found:
         raise ValueError(f"modules_to_save {module_names} match no module of the model.")
+
+
+def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen parameters of `model` to `dtype` (float16 or bfloat16) and the trainable ones to float32.
+
+    For mixed-precision training: the frozen base model takes half the memory, while the weights being trained (and
+    their optimizer updates) stay in full precision. Changes the parameters in place.
+    """
+    for param in model.parameters():
+        param.data = param.data.to(dtype if not param.requires_grad else torch.float32)
+
+
+@contextmanager
+def init_empty_weights() -> Iterator[None]:
+    """Inside the block, parameters registered on any module are put on the meta device (they hold no memory and
+    are meant to be loaded into with `load_state_dict(..., assign=True)`); buffers are created as usual."""
+    register_parameter = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter

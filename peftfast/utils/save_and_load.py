@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .constants import EMBEDDING_LAYER_NAMES, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .other import ModulesToSaveWrapper
 from .peft_types import PeftType
 
@@ -34,10 +34,69 @@ def _modules_to_save_paths(model: nn.Module, adapter_name: str) -> list[str]:
     ]
 
 
-def _embedding_is_targeted(config: Any) -> bool:
-    targets = getattr(config, "target_modules", None) or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    return any(name in str(target) for target in targets for name in EMBEDDING_LAYER_NAMES)
+def _embedding_is_targeted(model: nn.Module, config: Any) -> bool:
+    """HF PEFT's rule: a regex `target_modules` (not "all-linear") targets the embeddings when it matches a module
+    named like one of EMBEDDING_LAYER_NAMES; a list does when it contains one of those names."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str) and targets != INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return any(
+            re.fullmatch(targets, key)
+            for key, _ in base.named_modules()
+            if any(re.match(rf"(.*\.)?{name}$", key) for name in EMBEDDING_LAYER_NAMES)
+        )
+    return bool(targets) and not isinstance(targets, str) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def _vocab_was_resized(model: nn.Module, config: Any) -> bool:
+    """Whether the model's vocabulary differs from that of the base model it was loaded from (HF PEFT's test for
+    `save_embedding_layers="auto"`). Only a local base model folder can be checked: peftfast reads no hub."""
+    model_config = getattr(model, "config", None)
+    vocab_size = getattr(model_config, "vocab_size", None)
+    model_id = getattr(config, "base_model_name_or_path", None)
+    if not vocab_size or not model_id:
+        return False
+    if not os.path.isfile(os.path.join(model_id, "config.json")):
+        warnings.warn(
+            f"Could not find a config file in {model_id!r}; assuming the vocabulary was not resized, so the embedding "
+            "layers are not saved (pass save_embedding_layers=True to save them).",
+            stacklevel=3,
+        )
+        return False
+    return vocab_size != type(model_config).from_pretrained(model_id).vocab_size
+
+
+def _embedding_layers(model: nn.Module) -> list[nn.Module]:
+    try:
+        return [model.get_input_embeddings(), model.get_output_embeddings()]
+    except (AttributeError, NotImplementedError):
+        return []
+
+
+def _embedding_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, embedding_is_targeted: bool
+) -> dict[str, torch.Tensor]:
+    """The full input/output embedding weights, under the keys HF PEFT writes: an embedding that carries a LoRA layer
+    is saved as `<name>.base_layer.weight` when the embeddings are targeted, any other as `<name>.weight`."""
+    other_adapters = [name for name in model.peft_config if name != adapter_name]
+    result: dict[str, torch.Tensor] = {}
+    for layer in _embedding_layers(model):
+        if layer is None:
+            continue
+        base_layer = getattr(layer, "base_layer", None)
+        has_embedding_base = isinstance(base_layer, (nn.Linear, nn.Embedding))
+        if embedding_is_targeted and not has_embedding_base:
+            continue
+        wanted = base_layer if embedding_is_targeted else layer
+        module_name = next((name for name, module in model.named_modules() if module is wanted), None)
+        if module_name is None:
+            continue
+        for key, value in state_dict.items():
+            if key.startswith(f"{module_name}.") and not any(
+                f".{other}." in key or key.endswith(f".{other}") for other in other_adapters
+            ):
+                result[key] = value
+    return result
 
 
 def get_peft_model_state_dict(
@@ -62,10 +121,11 @@ def get_peft_model_state_dict(
     own_adapter = re.compile(rf"\.{re.escape(adapter_name)}(\.|$)")
     to_return = {k: v for k, v in state_dict.items() if prefix in k and own_adapter.search(k)}
     if config.bias == "all":
-        to_return.update((k, v) for k, v in state_dict.items() if prefix not in k and "bias" in k)
+        to_return.update((k, v) for k, v in state_dict.items() if prefix not in k and k.endswith(".bias"))
     elif config.bias == "lora_only":
+        # The bias of a targeted layer lives on its base layer: `<layer>.base_layer.bias`.
         for key in list(to_return):
-            bias_key = key.split(prefix)[0] + "bias"
+            bias_key = key.split(prefix)[0] + "base_layer.bias"
             if bias_key in state_dict:
                 to_return[bias_key] = state_dict[bias_key]
 
@@ -76,22 +136,34 @@ def get_peft_model_state_dict(
             if key.startswith(own):
                 to_return[f"{path}.{key[len(own) :]}"] = value
 
+    # Embeddings, as HF PEFT: with "auto" their full weights are saved when target_modules names them (unless
+    # trainable_token_indices keeps the file small) or when the vocabulary was resized after loading the base model.
+    embedding_is_targeted = _embedding_is_targeted(model, config)
     if save_embedding_layers == "auto":
-        save_embedding_layers = _embedding_is_targeted(config)
-        if save_embedding_layers:
+        using_trainable_tokens = getattr(config, "trainable_token_indices", None) is not None
+        if embedding_is_targeted and not using_trainable_tokens:
             warnings.warn(
                 "Embedding layers are in target_modules: saving their full weights with the adapter "
                 "(save_embedding_layers=True).",
                 stacklevel=2,
             )
-    if save_embedding_layers:
-        for key, value in state_dict.items():
-            if (
-                prefix not in key
-                and any(f".{name}." in key for name in EMBEDDING_LAYER_NAMES)
-                and (key.endswith(".weight"))
-            ):
-                to_return[key.replace(".base_layer", "")] = value
+            save_embedding_layers = True
+        else:
+            save_embedding_layers = _vocab_was_resized(model, config)
+            if save_embedding_layers:
+                warnings.warn(
+                    "The vocabulary was resized: saving the full embedding weights with the adapter "
+                    "(save_embedding_layers=True).",
+                    stacklevel=2,
+                )
+    if save_embedding_layers and _embedding_layers(model):
+        to_return.update(_embedding_state_dict(model, state_dict, adapter_name, embedding_is_targeted))
+    elif save_embedding_layers:
+        warnings.warn(
+            f"save_embedding_layers=True, but the {type(model).__name__} has no get_input_embeddings(): only "
+            "transformers models have known embedding layers, so none were saved.",
+            stacklevel=2,
+        )
 
     return {_remove_adapter_name(k, adapter_name, prefix): v for k, v in to_return.items()}
 
@@ -152,6 +224,11 @@ def set_peft_model_state_dict(
                 )
     if low_cpu_mem_usage:
         result = model.load_state_dict(mapped, strict=False, assign=True)
+        # The assigned tensors have the file's device and dtype: move them to their base layers (fp32 is kept on
+        # fp16/bf16 bases; a PeftModel then applies its autocast_adapter_dtype choice).
+        for module in model.modules():
+            if hasattr(module, "_move_adapter_to_base"):
+                module._move_adapter_to_base(adapter_name, autocast_adapter_dtype=True)
     else:
         result = model.load_state_dict(mapped, strict=False)
     adapter_keys = [key for key in model_state if prefix in key and f".{adapter_name}." in f"{key}."]

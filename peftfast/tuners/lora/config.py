@@ -111,6 +111,10 @@ class LoraConfig(PeftConfig):
                 f"init_lora_weights={self.init_lora_weights!r} is not implemented in peftfast; use True, False or "
                 "'gaussian'."
             )
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ValueError(
+                f"lora_bias=True needs init_lora_weights=True or False (as in HF PEFT), got {self.init_lora_weights!r}."
+            )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform only works when target_modules is a list of names, not a regex.")
         if isinstance(self.target_modules, str) and self.layers_pattern:

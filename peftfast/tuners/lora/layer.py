@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
+from ...utils.mixed_batch import AdapterRowGroups
 from ..tuners_utils import BaseTunerLayer
 
 
@@ -92,41 +93,57 @@ class LoraLayer(BaseTunerLayer):
             nn.init.normal_(self.lora_embedding_B[adapter_name])
 
     def _move_adapter_to_base(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
-        """Put a new adapter on the base weight's device; fp16/bf16 bases get fp32 adapters under autocast."""
+        """Put an adapter on the base weight's device and dtype, except that under `autocast_adapter_dtype` an
+        fp16/bf16 base gets fp32 adapter weights (HF PEFT's default, for stable training). Adapter weights still on
+        the meta device (`low_cpu_mem_usage`, not loaded yet) are left there."""
         base_weight = None
         for weight_name in ("weight", "qweight"):
             base_weight = getattr(self.get_base_layer(), weight_name, None)
             if base_weight is not None:
                 break
-        if base_weight is None:
+        if base_weight is None or base_weight.device.type == "meta":
             return
         device, dtype = base_weight.device, base_weight.dtype
+        if dtype.is_floating_point or dtype.is_complex:
+            wanted = torch.float32 if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16) else dtype
+        else:
+            wanted = None
         for holder in self._adapter_holders():
             if adapter_name not in holder:
                 continue
-            if device.type == "meta":
+            item = holder[adapter_name]
+            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+            if any(param.device.type == "meta" for param in params):
                 continue
-            if dtype.is_floating_point or dtype.is_complex:
-                wanted = torch.float32 if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16) else dtype
-                holder[adapter_name] = holder[adapter_name].to(device=device, dtype=wanted)
+            if isinstance(item, nn.Parameter):
+                # A ParameterDict wraps a plain tensor in a new, trainable Parameter: keep requires_grad as it was.
+                holder[adapter_name] = nn.Parameter(item.detach().to(device=device, dtype=wanted), item.requires_grad)
             else:
-                holder[adapter_name] = holder[adapter_name].to(device=device)
+                item.to(device=device, dtype=wanted)
+
+    def _initial_scaling(self, adapter: str) -> float:
+        rank = math.sqrt(self.r[adapter]) if self.use_rslora.get(adapter, False) else self.r[adapter]
+        return self.lora_alpha[adapter] / rank
 
     def set_scale(self, adapter: str, scale: float) -> None:
+        """Set an adapter's scaling to `scale` times its configured one (`lora_alpha / r`, or `/ sqrt(r)` with
+        rsLoRA)."""
         if adapter in self.scaling:
-            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+            self.scaling[adapter] = scale * self._initial_scaling(adapter)
 
     def scale_layer(self, scale: float) -> None:
+        """Multiply the scaling of every active adapter by `scale`."""
         for adapter in self.active_adapters:
             if adapter in self.scaling:
                 self.scaling[adapter] *= scale
 
     def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the scaling of every active adapter by `scale`; with None, restore the configured scaling."""
         for adapter in self.active_adapters:
             if adapter not in self.scaling:
                 continue
             if scale is None:
-                self.scaling[adapter] = self.lora_alpha[adapter] / self.r[adapter]
+                self.scaling[adapter] = self._initial_scaling(adapter)
             else:
                 self.scaling[adapter] /= scale
 
@@ -144,51 +161,77 @@ class LoraLayer(BaseTunerLayer):
             )
         if self.merged:
             raise ValueError("Mixed-adapter batches (adapter_names=...) can't run with merged adapters; unmerge first.")
-        unknown = sorted(set(adapter_names) - set(self._all_available_adapter_names()) - {"__base__"})
-        if unknown:
-            raise ValueError(
-                f"Unknown adapter name(s) {unknown} in adapter_names; "
-                f"available: {self._all_available_adapter_names()} and '__base__'."
-            )
 
     # Merging: W += delta for each adapter, tracked in merged_adapters so unmerge can undo it.
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+    def _adapters_to_merge(self, adapter_names: list[str] | None, warn: bool = True) -> list[str]:
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, got the string {adapter_names!r}.")
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
         if self.merged:
-            warnings.warn(f"Already merged {self.merged_adapters}; merging more on top.", stacklevel=3)
-        names = self.active_adapters if adapter_names is None else adapter_names
-        return [
-            name
-            for name in names
-            if name in self._all_available_adapter_names() and name in self.scaling and name not in self.merged_adapters
-        ]
+            names = [name for name in names if name not in self.merged_adapters]
+            if warn and names:
+                warnings.warn(f"Already merged {self.merged_adapters}; now also merging {names}.", stacklevel=3)
+            elif warn:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+        return [name for name in names if name in self._get_available_adapters()]
+
+    def _merge_deltas(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What merging `adapter` adds to the base weight and bias, in their dtypes (bias: None if nothing)."""
+        base_layer = self.get_base_layer()
+        weight, bias = base_layer.weight, getattr(base_layer, "bias", None)
+        delta_bias = None
+        if self.lora_bias.get(adapter) and self.lora_B[adapter].bias is not None:
+            if bias is None:
+                raise RuntimeError(
+                    f"Can't merge adapter {adapter!r}: it has lora_bias=True but the {type(base_layer).__name__} it "
+                    "adapts has no bias to merge it into."
+                )
+            delta_bias = (self.lora_B[adapter].bias * self.scaling[adapter]).to(bias.dtype)
+        return self.get_delta_weight(adapter).to(weight.dtype), delta_bias
+
+    def _check_safe_merge(self, adapter_names: list[str] | None, layer_name: str) -> None:
+        """Raise a ValueError naming the adapter and `layer_name` if merging `adapter_names` here would put a NaN or
+        inf into the weights. Nothing is changed: a tuner runs this over every layer before merging any."""
+        base_layer = self.get_base_layer()
+        weight, bias = base_layer.weight.data, getattr(base_layer, "bias", None)
+        bias = None if bias is None else bias.data
+        for adapter in self._adapters_to_merge(adapter_names, warn=False):
+            delta_weight, delta_bias = self._merge_deltas(adapter)
+            weight = weight + delta_weight
+            bias = bias if delta_bias is None else bias + delta_bias
+            if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+                raise ValueError(
+                    f"NaNs or infs detected while merging adapter {adapter!r} into layer {layer_name!r}; nothing was "
+                    "merged. The adapter weights are probably broken."
+                )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the adapters' delta weights into the base weight. With `safe_merge`, check for NaN/inf first and
-        leave the weights untouched if any appears."""
+        """Add the adapters' delta weights (the active ones when `adapter_names` is None) into the base weight.
+
+        With `safe_merge`, each merged weight is computed on a copy and checked for NaN/inf first; on a bad value
+        a ValueError names the adapter and the weights of this layer are left as they were before that adapter.
+        """
         base_layer = self.get_base_layer()
         for adapter in self._adapters_to_merge(adapter_names):
-            delta = self.get_delta_weight(adapter)
-            weight = base_layer.weight
-            new_bias = None
-            if self.lora_bias.get(adapter) and self.lora_B[adapter].bias is not None:
-                new_bias = (
-                    base_layer.bias.data + self.lora_B[adapter].bias.to(base_layer.bias.dtype) * self.scaling[adapter]
-                )
+            delta_weight, delta_bias = self._merge_deltas(adapter)
             if safe_merge:
-                merged = weight.data + delta.to(weight.dtype)
-                if not torch.isfinite(merged).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
+                weight = base_layer.weight.data + delta_weight
+                bias = None if delta_bias is None else base_layer.bias.data + delta_bias
+                if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
                     raise ValueError(
                         f"NaNs or infs detected while merging adapter {adapter!r} into {type(base_layer).__name__}; "
                         "the weights were left unmerged. The adapter weights are probably broken."
                     )
-                weight.data = merged
+                base_layer.weight.data = weight
+                if bias is not None:
+                    base_layer.bias.data = bias
             else:
-                weight.data += delta.to(weight.dtype)
-            if new_bias is not None:
-                base_layer.bias.data = new_bias
+                base_layer.weight.data += delta_weight
+                if delta_bias is not None:
+                    base_layer.bias.data += delta_bias
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -214,13 +257,14 @@ class LoraLayer(BaseTunerLayer):
         )
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
-        """Each row of the batch runs with its own adapter ("__base__": none)."""
+        """Each row of the batch runs with its own adapter ("__base__", or an adapter this layer lacks: none)."""
         result = self.base_layer(x, *args, **kwargs)
-        for name in dict.fromkeys(adapter_names):
+        groups = AdapterRowGroups.of(adapter_names)
+        for name in groups.groups:
             if name == "__base__" or name not in self.scaling:
                 continue
-            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
-            result[rows] = self._adapter_output(result[rows], x[rows], name)
+            rows = groups.rows(name, x.device)
+            result[rows] = self._adapter_output(result[rows], x[rows], name).to(result.dtype)
         return result
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
@@ -428,16 +472,6 @@ class Embedding(nn.Module, LoraLayer):
         for adapter in self._present_active_adapters():
             result = self._adapter_output(result, x, adapter)
         return result.to(result_dtype)
-
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
-        result = self.base_layer(x, *args, **kwargs)
-        result_dtype = result.dtype
-        for name in dict.fromkeys(adapter_names):
-            if name == "__base__" or name not in self.scaling:
-                continue
-            rows = [i for i, row_name in enumerate(adapter_names) if row_name == name]
-            result[rows] = self._adapter_output(result[rows], x[rows], name).to(result_dtype)
-        return result
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

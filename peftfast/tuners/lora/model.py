@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from torch import nn
 
+from ...utils import merge_utils
+from ...utils.mixed_batch import AdapterRowGroups
 from ...utils.other import ModulesToSaveWrapper, get_submodules
 from ..tuners_utils import BaseTuner, BaseTunerLayer
 from .config import LoraConfig
@@ -89,13 +95,29 @@ class LoraModel(BaseTuner):
             )
         return new_module
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Put `adapter_name`'s weights on their base layers' devices and dtypes, except that with
+        `autocast_adapter_dtype` the weights of an fp16/bf16 layer are kept in fp32 (HF PEFT's rule)."""
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                module._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+
     @staticmethod
     def _replace_module(parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
+        # Adapter weights and modules_to_save copies are found by structure (not by "lora_" in the name) and keep
+        # their requires_grad, which set_adapter manages; everything else is frozen.
+        adapter_params: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                for holder in module._adapter_holders():
+                    adapter_params.update(id(param) for param in holder.parameters())
+            elif isinstance(module, ModulesToSaveWrapper):
+                adapter_params.update(id(param) for param in module.modules_to_save.parameters())
+        for param in model.parameters():
+            if id(param) not in adapter_params:
                 param.requires_grad_(False)
         for adapter_name in self.active_adapters:
             bias = self.peft_config[adapter_name].bias
@@ -103,7 +125,7 @@ class LoraModel(BaseTuner):
                 continue
             if bias == "all":
                 for name, param in model.named_parameters():
-                    if "bias" in name:
+                    if name.endswith(".bias"):
                         param.requires_grad_(True)
             elif bias == "lora_only":
                 for module in model.modules():
@@ -112,11 +134,14 @@ class LoraModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Hand `adapter_names` (one per batch row) to every LoRA layer for the duration of one call."""
+        """Hand `adapter_names` (one per batch row) to every LoRA layer and modules_to_save wrapper for the duration
+        of one call. The rows are grouped by adapter once here, and every layer reuses that grouping."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
             return
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per batch row; got {adapter_names!r}.")
         if self.training:
             raise ValueError("Mixed-adapter batches (adapter_names=...) are for inference; call model.eval() first.")
         known = set(self.peft_config) | {"__base__"}
@@ -132,8 +157,10 @@ class LoraModel(BaseTuner):
                 "call unmerge_adapter() first."
             )
         num_beams = kwargs.get("num_beams")
-        if num_beams is not None and num_beams > 1:
+        if isinstance(num_beams, int) and num_beams > 1:
+            # Beam search repeats each input row num_beams times.
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        adapter_names = AdapterRowGroups(adapter_names)
         handles = []
         for module in self.model.modules():
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
@@ -145,27 +172,11 @@ class LoraModel(BaseTuner):
             for handle in handles:
                 handle.remove()
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer and from the config; the first remaining adapter becomes active."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {list(self.peft_config)}.")
-        del self.peft_config[adapter_name]
-        remaining = [name for name in self.active_adapters if name != adapter_name]
-        if not remaining and self.peft_config:
-            remaining = [next(iter(self.peft_config))]
-        for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.delete_adapter(adapter_name)
-                if remaining:
-                    present = [name for name in remaining if name in module._all_available_adapter_names()]
-                    module.set_adapter(present or remaining)
-            elif isinstance(module, ModulesToSaveWrapper):
-                module.delete_adapter(adapter_name, remaining)
-        self.active_adapter = remaining if len(remaining) != 1 else remaining[0]
-
     def _unload_and_optionally_merge(
         self, merge: bool = True, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
+        if merge and safe_merge:
+            self._check_safe_merge(adapter_names)
         keys = [key for key, _ in self.model.named_modules()]
         for key in keys:
             try:
@@ -179,14 +190,266 @@ class LoraModel(BaseTuner):
             elif isinstance(target, ModulesToSaveWrapper):
                 chosen = target.modules_to_save[target.active_adapters[0]] if target.active_adapters else None
                 setattr(parent, target_name, chosen if chosen is not None else target.original_module)
+        # No adapter is left in the model, so neither is its config (as HF PEFT: wrapping it again starts clean).
+        if "peft_config" in self.model.__dict__:
+            del self.model.peft_config
         return self.model
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
-        """Merge the adapters into the base weights and return the base model with no LoRA modules left."""
+        """Merge the adapters (the active ones when `adapter_names` is None) into the base weights and return the
+        base model with no adapter modules left: LoRA layers become their base layers again, and a modules_to_save
+        wrapper becomes the active adapter's copy (the original module when none is active). Use the returned
+        model. With `safe_merge`, a NaN/inf in any merged weight raises before anything is changed."""
         return self._unload_and_optionally_merge(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        """Return the base model with every LoRA module removed and nothing merged."""
+        """Return the base model with every adapter module removed, merging nothing (adapters merged earlier stay
+        in the weights: unmerge first to get the original base model back)."""
         return self._unload_and_optionally_merge(merge=False)
+
+    def _check_add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], combination_type: str, svd_rank: int | None
+    ) -> tuple[str, int, set[str] | str]:
+        """Validate `add_weighted_adapter`'s arguments; return the effective combination type, the new rank and the
+        new adapter's target_modules."""
+        missing = [name for name in adapters if name not in self.peft_config]
+        if missing:
+            raise ValueError(f"Adapter(s) {missing} do not exist; available: {list(self.peft_config)}.")
+        if not adapters:
+            raise ValueError("add_weighted_adapter needs at least one adapter to combine.")
+        if len(weights) != len(adapters):
+            raise ValueError(f"Got {len(weights)} weights for the {len(adapters)} adapters {adapters}; pass one each.")
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                owners = [name for name in adapters if name in module.modules_to_save]
+                if len(owners) > 1:
+                    raise ValueError(
+                        f"Adapters {owners} each have their own copy of {module_name!r} (modules_to_save); whole "
+                        "modules can't be combined. Combine adapters of which at most one saves that module."
+                    )
+        # With one adapter, only a linear combination makes sense (it is just a rescaling).
+        combination_type = "linear" if len(adapters) == 1 else combination_type
+        # The largest rank any layer has: the new adapter's factors must hold every layer's.
+        ranks = [max([cfg.r, *cfg.rank_pattern.values()]) for cfg in (self.peft_config[name] for name in adapters)]
+        if combination_type in ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune"):
+            if len(set(ranks)) != 1:
+                raise ValueError(
+                    f"combination_type={combination_type!r} needs adapters of one rank, got ranks {ranks} for "
+                    f"{adapters}; use 'cat' or 'svd' to combine adapters of different ranks."
+                )
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type in _SVD_COMBINATIONS:
+            new_rank = svd_rank or max(ranks)
+        else:
+            raise ValueError(f"Invalid combination_type {combination_type!r}; expected one of {sorted(_COMBINATIONS)}.")
+        targets = [self.peft_config[name].target_modules for name in adapters]
+        if all(isinstance(target, str) for target in targets):
+            new_targets: set[str] | str = "|".join(f"({target})" for target in targets)
+        elif not any(isinstance(target, str) for target in targets):
+            new_targets = set().union(*targets)
+        else:
+            raise ValueError(
+                f"The target_modules of {adapters} mix a regex (string) with lists of names; combine adapters whose "
+                "target_modules are all regexes or all lists."
+            )
+        return combination_type, new_rank, new_targets
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: Literal[
+            "svd",
+            "linear",
+            "cat",
+            "ties",
+            "ties_svd",
+            "dare_ties",
+            "dare_linear",
+            "dare_ties_svd",
+            "dare_linear_svd",
+            "magnitude_prune",
+            "magnitude_prune_svd",
+        ] = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: Literal["total", "frequency"] = "total",
+    ) -> None:
+        """Add a new, inactive adapter `adapter_name` that combines `adapters` with `weights` (negative subtracts).
+
+        - "cat": concatenates the factors; exact (delta = sum_i weight_i * delta_i); rank = sum of the ranks.
+        - "svd" (and "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"): combines the full
+          delta weights, then keeps the top `svd_rank` singular directions (default: the largest rank);
+          `svd_clamp` clamps the factors to that quantile, `svd_full_matrices`/`svd_driver` go to torch.linalg.svd.
+        - "linear" (and "ties", "dare_linear", "dare_ties", "magnitude_prune"): combines the A factors and the B
+          factors separately (each scaled by sqrt(|weight * scaling|)); needs equal ranks; an approximation.
+          `density` and `majority_sign_method` parametrise the TIES/DARE/pruning variants.
+
+        The new adapter has r = lora_alpha = its rank (scaling 1, the old scalings are folded in), the target
+        modules of all `adapters`, and the other settings of the first one. If `adapter_name` exists already,
+        nothing happens (as in HF PEFT).
+        """
+        if adapter_name in self.peft_config:
+            warnings.warn(f"Adapter {adapter_name!r} exists already; add_weighted_adapter did nothing.", stacklevel=2)
+            return
+        combination_type, new_rank, new_targets = self._check_add_weighted_adapter(
+            adapters, weights, combination_type, svd_rank
+        )
+        # rsLoRA is turned off so that the new adapter's scaling is exactly 1: the factors already hold the scalings.
+        self.peft_config[adapter_name] = replace(
+            self.peft_config[adapters[0]],
+            r=new_rank,
+            lora_alpha=new_rank,
+            use_rslora=False,
+            target_modules=new_targets,
+            alpha_pattern={},
+            rank_pattern={},
+        )
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        self.set_requires_grad(adapter_name, requires_grad=False)
+
+        for key, target in self.model.named_modules():
+            if self.prefix in key or not isinstance(target, LoraLayer):
+                continue
+            if adapter_name in target.lora_A:
+                new_A, new_B = target.lora_A[adapter_name].weight, target.lora_B[adapter_name].weight
+            elif adapter_name in target.lora_embedding_A:
+                new_A, new_B = target.lora_embedding_A[adapter_name], target.lora_embedding_B[adapter_name]
+            else:
+                continue
+            present = [(name, weight) for name, weight in zip(adapters, weights) if name in target.scaling]
+            if not present:
+                raise ValueError(f"Layer {key!r} has adapter {adapter_name!r} but none of {adapters}.")
+            with torch.no_grad():
+                if combination_type == "cat":
+                    # Stacking the factors sums the deltas exactly; a layer whose adapters have smaller ranks (from a
+                    # rank_pattern) leaves the rest of the new factors zero.
+                    factors = [(_lora_factors(target, name), weight * target.scaling[name]) for name, weight in present]
+                    cat_A = torch.cat([A * scale for (A, _), scale in factors], dim=0)
+                    cat_B = torch.cat([B for (_, B), _ in factors], dim=1)
+                    new_A.zero_()
+                    new_B.zero_()
+                    new_A[: cat_A.shape[0]] = cat_A
+                    new_B[:, : cat_B.shape[1]] = cat_B
+                elif combination_type in _SVD_COMBINATIONS:
+                    new_A.data, new_B.data = _svd_combination(
+                        target,
+                        present,
+                        combination_type,
+                        new_rank,
+                        new_A.shape,
+                        new_B.shape,
+                        density,
+                        majority_sign_method,
+                        svd_clamp,
+                        svd_full_matrices,
+                        svd_driver,
+                    )
+                else:
+                    new_A.data, new_B.data = _factor_combination(
+                        target, present, combination_type, density, majority_sign_method
+                    )
+
+
+_FACTOR_COMBINATIONS = {
+    "linear": merge_utils.task_arithmetic,
+    "ties": merge_utils.ties,
+    "dare_linear": merge_utils.dare_linear,
+    "dare_ties": merge_utils.dare_ties,
+    "magnitude_prune": merge_utils.magnitude_prune,
+}
+_SVD_COMBINATIONS = {
+    "svd": merge_utils.task_arithmetic,
+    "ties_svd": merge_utils.ties,
+    "dare_linear_svd": merge_utils.dare_linear,
+    "dare_ties_svd": merge_utils.dare_ties,
+    "magnitude_prune_svd": merge_utils.magnitude_prune,
+}
+_COMBINATIONS = {"cat", *_FACTOR_COMBINATIONS, *_SVD_COMBINATIONS}
+
+
+def _lora_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of `adapter` on `layer`: A is [r, in] (embeddings: [r, num_embeddings]), B is [out, r]."""
+    if adapter in layer.lora_A:
+        return layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+    return layer.lora_embedding_A[adapter].detach(), layer.lora_embedding_B[adapter].detach()
+
+
+def _combine(
+    function: Any,
+    tensors: list[torch.Tensor],
+    weights: torch.Tensor,
+    density: float | None,
+    majority_sign_method: str,
+) -> torch.Tensor:
+    if function is merge_utils.task_arithmetic:
+        return function(tensors, weights)
+    if function in (merge_utils.ties, merge_utils.dare_ties):
+        return function(tensors, weights, density, majority_sign_method)
+    return function(tensors, weights, density)
+
+
+def _factor_combination(
+    layer: LoraLayer,
+    present: list[tuple[str, float]],
+    combination_type: str,
+    density: float | None,
+    majority_sign_method: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine the A factors and the B factors separately; each gets sqrt(|weight * scaling|), A also the sign."""
+    factors = [_lora_factors(layer, name) for name, _ in present]
+    scaled = [weight * layer.scaling[name] for name, weight in present]
+    dtype, device = factors[0][0].dtype, factors[0][0].device
+    weights_A = torch.tensor([math.copysign(math.sqrt(abs(value)), value) for value in scaled], device=device)
+    weights_B = torch.tensor([math.sqrt(abs(value)) for value in scaled], device=device)
+    function = _FACTOR_COMBINATIONS[combination_type]
+    new_A = _combine(function, [A for A, _ in factors], weights_A, density, majority_sign_method)
+    new_B = _combine(function, [B for _, B in factors], weights_B, density, majority_sign_method)
+    return new_A.to(dtype), new_B.to(dtype)
+
+
+def _svd_combination(
+    layer: LoraLayer,
+    present: list[tuple[str, float]],
+    combination_type: str,
+    new_rank: int,
+    shape_A: torch.Size,
+    shape_B: torch.Size,
+    density: float | None,
+    majority_sign_method: str,
+    clamp: float | None,
+    full_matrices: bool,
+    driver: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine the delta weights (scalings included), then factor the result by a truncated SVD."""
+    deltas = [layer.get_delta_weight(name).detach() for name, _ in present]
+    weights = torch.tensor([weight for _, weight in present], device=deltas[0].device)
+    delta = _combine(_SVD_COMBINATIONS[combination_type], deltas, weights, density, majority_sign_method)
+    is_embedding = any(name in layer.lora_embedding_A for name, _ in present)
+    if delta.dim() > 2:
+        # A convolution: factor [out, in * kernel] and reshape the factors back into conv kernels.
+        delta = delta.flatten(start_dim=1)
+    elif getattr(layer, "fan_in_fan_out", False) or is_embedding:
+        # Those deltas are stored transposed ([in, out]); factor the [out, in] matrix B @ A.
+        delta = delta.T
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    U = U[:, :new_rank] @ torch.diag(S[:new_rank])
+    Vh = Vh[:new_rank, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
+        U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
+    if len(shape_A) > 2:
+        U, Vh = U.reshape(shape_B), Vh.reshape(shape_A)
+    return Vh, U
