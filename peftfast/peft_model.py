@@ -155,6 +155,10 @@ class PeftModel(nn.Module):
                 self.base_model.enable_adapter_layers()
             self._adapters_disabled = was_disabled
 
+    def backend_summary(self) -> dict[str, str | None]:
+        """Which backend each LoRA layer's latest forward ran on ("torch", "triton", ...; None if not run yet)."""
+        return {name: module.last_backend for name, module in self.named_modules() if hasattr(module, "last_backend")}
+
     def get_layer_status(self) -> list[TunerLayerStatus]:
         """The status of each adapter layer (see `peftfast.tuners.tuners_utils.get_layer_status`)."""
         return get_layer_status(self)

@@ -178,6 +178,7 @@ def test_whole_llama_trains_the_same_on_both_backends():
                 optimizer.zero_grad()
                 losses.append(loss.item())
         assert ops.last_backend("lora_linear") == backend
+        assert set(model.backend_summary().values()) == {backend}
         results[backend] = (losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
     for name, value in results["torch"][1].items():

@@ -59,6 +59,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_bias: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        # Backend ("torch", "triton", ...) the latest forward of this layer's LoRA term ran on; None before any.
+        self.last_backend: str | None = None
         self.kwargs = kwargs
         self.in_features, self.out_features = _features(base_layer)
 
@@ -360,9 +362,12 @@ class Linear(nn.Module, LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         weights = self._lora_weights(active)
         if _is_plain_linear(self.base_layer) and not args and not kwargs:
-            return ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, *weights, training=self.training)
-        result = self.base_layer(x, *args, **kwargs)
-        return ops.lora_add(result, x, *weights, training=self.training)
+            result = ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, *weights, training=self.training)
+            self.last_backend = ops.last_backend("lora_linear")
+            return result
+        result = ops.lora_add(self.base_layer(x, *args, **kwargs), x, *weights, training=self.training)
+        self.last_backend = ops.last_backend("lora_add")
+        return result
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
