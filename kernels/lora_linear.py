@@ -496,14 +496,19 @@ def _lora_grad_a_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ROWS_PER_SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    # Program (k block, split) sums its ROWS_PER_SPLIT rows of dS.T @ x; splits add up atomically.
+    pid_k = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_k = offs_k < K
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    row_start = pid_split * ROWS_PER_SPLIT
+    for m0 in range(row_start, min(row_start + ROWS_PER_SPLIT, M), BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         ds = tl.load(
@@ -520,19 +525,25 @@ def _lora_grad_a_kernel(
             keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
             x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
         acc += tl.dot(tl.trans(ds.to(DOT_DTYPE)), x.to(DOT_DTYPE), input_precision=PRECISION)
-    tl.store(
-        da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
-        acc,
-        mask=mask_r[:, None] & mask_k[None, :],
-    )
+    out_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
+    if SPLIT:
+        tl.atomic_add(out_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])
+    else:
+        tl.store(out_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])
 
 
 def lora_grad_a(
-    grad_s: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: int = 0, dot_dtype: torch.dtype | None = None
+    grad_s: torch.Tensor,
+    x: torch.Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    dot_dtype: torch.dtype | None = None,
+    max_splits: int | None = None,
 ) -> torch.Tensor:
     """Semantics: dA = dS.T @ dropout(x, p; seed), in fp32 (the same mask as `lora_shrink` with that seed).
 
-    Shapes: dS [M, R], x [M, K]. Returns dA [R, K].
+    Shapes: dS [M, R], x [M, K]. Returns dA [R, K]. `max_splits` caps how many programs share the token loop
+    (their partial sums are added atomically); on the interpreter the default is one.
     """
     M, K = x.shape
     R = grad_s.shape[1]
@@ -543,7 +554,16 @@ def lora_grad_a(
         return grad_a
     block_m = 32 if _on_interpreter(x) else 64
     block_k = 32 if _on_interpreter(x) else 128
-    _lora_grad_a_kernel[(triton.cdiv(K, block_k),)](
+    k_blocks = triton.cdiv(K, block_k)
+    m_blocks = triton.cdiv(M, block_m)
+    # d_in / BLOCK_K programs alone under-fill a GPU (32 for d_in=4096 on 132 SMs): split the token loop so there
+    # are about two programs per SM. Unmeasured tuning (no GPU yet); the interpreter runs one split.
+    splits = 1 if _on_interpreter(x) else max(1, min(m_blocks, (2 * _sm_count(x.device)) // k_blocks))
+    if max_splits is not None:
+        splits = max(1, min(splits, max_splits, m_blocks))
+    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
+    splits = triton.cdiv(M, rows_per_split)
+    _lora_grad_a_kernel[(k_blocks, splits)](
         grad_s,
         x,
         grad_a,
@@ -564,8 +584,14 @@ def lora_grad_a(
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_R=_rank_block(R),
+        ROWS_PER_SPLIT=rows_per_split,
+        SPLIT=splits > 1,
     )
     return grad_a
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
