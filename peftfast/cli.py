@@ -1,4 +1,5 @@
-"""The `peftfast` command: `--version`, `info` (environment and backends) and `demo` (train, save, reload a LoRA)."""
+"""The `peftfast` command: `--version`, `info` (environment and backends), `demo` (train, save, reload a LoRA) and
+`bench` (time the LoRA linear layer against the bare GEMM and HF PEFT)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import bench
 from .version import __version__
 
 _REPORTED_PACKAGES = ("torch", "triton", "transformers", "bitsandbytes", "safetensors")
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the model and the data (default: 0)")
     demo.add_argument("--output", default=None, help="where to save the adapter (default: a new temporary folder)")
+    bench.add_arguments(
+        commands.add_parser("bench", help="time the LoRA linear layer against the bare GEMM and HF PEFT, save CSV rows")
+    )
     return parser
 
 
@@ -286,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--steps must be at least 1")
         result = run_demo(steps=args.steps, seed=args.seed, output_dir=args.output)
         return 0 if result.reload_ok else 1
+    if args.command == "bench":
+        return bench.run_from_args(args)
     parser.print_help()
     return 2
 
