@@ -1,0 +1,212 @@
+"""The 4-bit (bitsandbytes NF4/FP4) ops behind `peftfast.ops.nf4_dequantize` and `peftfast.ops.lora_linear_4bit`:
+reading a `QuantState` into tensors, the Triton implementations and their autograd.
+
+Training path (`lora_linear_4bit` on Triton): forward dequantizes the weight once into a reused buffer and runs the
+fused dense LoRA kernels; backward dequantizes it again into the buffer for dX = dY W + dS A. Nothing of the dense
+weight outlives a call, and a layer is dequantized at most twice per training step. Batches of at most
+`SMALL_M` rows (decode) skip the buffer: one kernel reads the 4-bit weight once and adds the LoRA term in its epilogue.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+import torch
+
+from . import autograd
+from .reference import Nf4Weight
+
+# Rows up to which the fused 4-bit kernel is used. A [M, K] x [K, N] product against a 4-bit weight does 4 * M FLOP per
+# weight byte read: 256 at M = 64, about the H100's ridge (~790 TFLOP/s over ~3 TB/s). Below it the product is bound
+# by reading the weight and reading 4 bits beats dequantizing; above it tensor-core GEMMs on a dense copy win.
+# Derived from those numbers, not measured yet.
+SMALL_M = 64
+
+
+def is_cpu_packed(quant_state: Any) -> bool:
+    """Whether bitsandbytes repacked this weight into its CPU-only inference layout (`packing_format_for_cpu`: nibbles
+    interleaved over 32-row blocks, absmax transposed and rounded to bf16), which peftfast does not read."""
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def read_quant_state(packed: torch.Tensor, quant_state: Any) -> Nf4Weight:
+    """The weight as `peftfast.ops.reference.Nf4Weight`, read from a bitsandbytes `Params4bit` (or its data) and its
+    `QuantState` exactly as stored; nothing is copied or repacked."""
+    if quant_state is None:
+        raise ValueError("This 4-bit weight has no quant_state; move the layer to its device (.to/.cuda) first.")
+    if is_cpu_packed(quant_state):
+        raise ValueError(
+            "This 4-bit weight is in bitsandbytes' CPU-packed layout (packing_format_for_cpu), which peftfast's 4-bit "
+            "ops don't read; dequantize it with peftfast.ops.nf4_dequantize (it falls back to bitsandbytes)."
+        )
+    if quant_state.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"Unsupported 4-bit quant_type {quant_state.quant_type!r}; expected 'nf4' or 'fp4'.")
+    shape = tuple(quant_state.shape)
+    if len(shape) != 2:
+        raise ValueError(f"A 4-bit linear weight must be 2-D [out, in]; this QuantState has shape {shape}.")
+    packed = packed.data if isinstance(packed, torch.nn.Parameter) else packed
+    if not quant_state.nested:
+        return Nf4Weight(packed, quant_state.absmax, quant_state.code, quant_state.blocksize, shape)
+    state2 = quant_state.state2
+    return Nf4Weight(
+        packed,
+        quant_state.absmax,
+        quant_state.code,
+        quant_state.blocksize,
+        shape,
+        absmax_code=state2.code,
+        absmax_scale=state2.absmax,
+        absmax_offset=quant_state.offset,
+        absmax_blocksize=state2.blocksize,
+    )
+
+
+def dequantize_with_bitsandbytes(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """bitsandbytes' own dequantize, for the CPU-packed layout: undone on copies first (the user's weight and
+    QuantState are left as they are). That layout keeps absmax in bf16, so the result is not the original weight's
+    exact dequantization."""
+    import bitsandbytes.functional as bnb_functional
+
+    unpack = getattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse", None)
+    if unpack is None:
+        raise ValueError(
+            "This 4-bit weight is in bitsandbytes' CPU-packed layout and this bitsandbytes version offers no way "
+            "to unpack it; run the layer in training mode (bitsandbytes only repacks for CPU inference)."
+        )
+    data, state = unpack(packed.detach().clone(), copy.copy(quant_state))
+    return bnb_functional.dequantize_4bit(data, state)
+
+
+def _on_kernel_device(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda or (tensor.device.type == "cpu" and autograd._interpreting())
+
+
+def _storage_tensors(weight: Nf4Weight) -> list[torch.Tensor]:
+    tensors = [weight.packed, weight.absmax, weight.code]
+    if weight.absmax_code is not None:
+        tensors += [weight.absmax_code, weight.absmax_scale]
+    return tensors
+
+
+def can_run_nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+    """The Triton dequantize serves GPU tensors (CPU ones under TRITON_INTERPRET=1) of fewer than 2**31 elements."""
+    return _on_kernel_device(packed) and absmax.device == packed.device and autograd.triton_available()
+
+
+def nf4_dequantize_triton(*weight_fields: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The Triton `nf4_dequantize`: same semantics and arguments as `reference.nf4_dequantize`."""
+    from ..kernels import nf4 as kernels
+
+    return kernels.nf4_dequantize(*weight_fields, dtype=dtype)
+
+
+_buffers = threading.local()
+
+
+def _dequantize_into_buffer(weight: Nf4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W dequantized into this thread's scratch buffer for (device, dtype), grown to the largest layer seen.
+
+    The result is only valid until the next call: callers use it at once and never keep it (autograd saves the 4-bit
+    weight, not this). Per thread, because backward runs on autograd's own threads."""
+    from ..kernels import nf4 as kernels
+
+    numel = weight.shape[0] * weight.shape[1]
+    store = getattr(_buffers, "by_key", None)
+    if store is None:
+        store = _buffers.by_key = {}
+    key = (weight.packed.device, dtype)
+    buffer = store.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = store[key] = torch.empty(numel, device=weight.packed.device, dtype=dtype)
+    return kernels.nf4_dequantize(*weight, dtype=dtype, out=buffer[:numel].view(weight.shape))
+
+
+class _LoraLinear4bit(torch.autograd.Function):
+    """y = x W^T + bias + sum_i S_i B_i^T, S_i = s_i * dropout_i(x) A_i^T, W read from its 4-bit storage."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight, scaling, dropout_p, seed, *adapters):
+        from ..kernels import lora_linear as dense
+        from ..kernels import nf4 as kernels
+
+        num = len(adapters) // 2
+        lora_A, lora_B = adapters[:num], adapters[num:]
+        dot_dtype = autograd._dot_dtype(x)
+        shrunk = torch.empty(x.shape[0], sum(A.shape[0] for A in lora_A), device=x.device, dtype=torch.float32)
+        start = 0
+        for index, (A, s, p) in enumerate(zip(lora_A, scaling, dropout_p)):
+            out = shrunk[:, start : start + A.shape[0]]
+            dense.lora_shrink(x, A, s, p, autograd._adapter_seed(seed, index), out=out, dot_dtype=dot_dtype)
+            start += A.shape[0]
+        B_cat = lora_B[0] if num == 1 else torch.cat(lora_B, dim=1)
+        if x.shape[0] <= SMALL_M:
+            y = kernels.nf4_lora_matmul(x, *weight, shrunk=shrunk, lora_B=B_cat, bias=bias, dot_dtype=dot_dtype)
+        else:
+            W = _dequantize_into_buffer(weight, x.dtype)
+            y = dense.dual_matmul(x, W.T, shrunk, B_cat.T, bias, out_dtype=x.dtype, dot_dtype=dot_dtype)
+        ctx.save_for_backward(x, shrunk, *lora_A, *lora_B)
+        ctx.weight, ctx.num, ctx.has_bias = weight, num, bias is not None
+        ctx.scaling, ctx.dropout_p, ctx.seed = list(scaling), list(dropout_p), seed
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, shrunk, *adapters = ctx.saved_tensors
+        lora_A, lora_B = adapters[: ctx.num], adapters[ctx.num :]
+        W = _dequantize_into_buffer(ctx.weight, x.dtype)
+        grad_x, grad_A, grad_B = autograd.lora_linear_bwd(
+            grad_y.contiguous(),
+            x,
+            W,
+            list(lora_A),
+            list(lora_B),
+            shrunk,
+            ctx.scaling,
+            ctx.dropout_p,
+            ctx.seed,
+            ctx.needs_input_grad[0],
+        )
+        grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return (grad_x if ctx.needs_input_grad[0] else None, grad_bias, None, None, None, None, *grad_A, *grad_B)
+
+
+def can_run_lora_linear_4bit(
+    x: torch.Tensor,
+    weight: Nf4Weight,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    lora_B_bias: list[torch.Tensor | None],
+    *args: Any,
+    **kwargs: Any,
+) -> bool:
+    """Whether the Triton 4-bit path serves this call: GPU tensors (CPU ones under TRITON_INTERPRET=1), a float
+    compute dtype, at least one adapter in fp32 or the compute dtype, no lora_B bias."""
+    if not _on_kernel_device(x) or not lora_A or compute_dtype not in autograd._FP_DTYPES:
+        return False
+    if any(b is not None for b in lora_B_bias):
+        return False
+    tensors = [*_storage_tensors(weight), *lora_A, *lora_B] + ([bias] if bias is not None else [])
+    if any(t.device != x.device for t in tensors):
+        return False
+    if any(t.dtype not in (torch.float32, compute_dtype) for t in (*lora_A, *lora_B)):
+        return False
+    numel = weight.shape[0] * weight.shape[1]
+    return numel < 2**31 and x.numel() < 2**31 and autograd.triton_available()
+
+
+def lora_linear_4bit_triton(
+    x, weight, bias, compute_dtype, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training
+) -> torch.Tensor:
+    """The Triton `lora_linear_4bit`: same semantics and arguments as `reference.lora_linear_4bit`, except that the
+    LoRA branch reads x in the compute dtype (the base GEMM's operand), not in the adapter dtype."""
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    ps = [float(p) if training else 0.0 for p in dropout_p]
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if any(p > 0 for p in ps) else 0
+    bias = bias.to(compute_dtype) if bias is not None else None
+    y = _LoraLinear4bit.apply(x2d, bias, weight, [float(s) for s in scaling], ps, seed, *lora_A, *lora_B)
+    return y.reshape(*lead, weight.shape[0]).to(x.dtype)
