@@ -1,0 +1,268 @@
+"""Time mixed-adapter batches (`adapter_names=[...]`): peftfast's SGMV kernels against HF PEFT's mixed-batch forward
+and against the same batch on one adapter, then a whole Llama-shaped decode step with 32 adapters. CUDA GPU only.
+
+Layer suite: one LoRA Linear of hidden x hidden (bf16 base, fp32 adapters as HF PEFT's autocast leaves them) holding
+64 adapters; decode batches of `tokens` rows of one token each, spread round-robin over `adapters` distinct adapters.
+Providers, all timing the whole layer forward (base GEMM + LoRA) on the same inputs:
+    gemm            the bare base layer, the floor;
+    hf_peft         HF PEFT's LoRA layer with adapter_names (a Python loop over adapters);
+    peftfast_sgmv   peftfast's layer with adapter_names, backend "triton" (the SGMV kernels);
+    peftfast_torch  the same on backend "torch" (the reference loop);
+    single_adapter  peftfast's layer, same batch, one active adapter, no adapter_names (the fused single-adapter path).
+The row grouping (`AdapterRowGroups`) is built once outside the timed call, as the model's forward hook builds it
+once per forward for all layers.
+
+Model suite: a Llama-shaped model (random weights, bf16), all-linear LoRA r=16 adapters, one decode step of a batch
+of 32 sequences with a KV cache of `--context` tokens: 32 distinct adapters on the kernels and on the torch loop,
+the same batch on one adapter, and the base model.
+
+    python bench/bench_multi_adapter.py                 # both suites, full grids
+    python bench/bench_multi_adapter.py --quick         # a smoke run
+    python bench/bench_multi_adapter.py --suite model --layers 8
+
+Results are appended to bench/results/multi_adapter-<gpu>.csv with the GPU name, versions and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftfast import LoraConfig, get_peft_model, ops
+from peftfast.bench import append_csv, environment, results_slug, time_fn
+from peftfast.utils.mixed_batch import AdapterRowGroups
+
+COLUMNS = (
+    "date",
+    "git_sha",
+    "git_dirty",
+    "gpu",
+    "torch",
+    "triton",
+    "peft",
+    "peftfast",
+    "cpu_threads",
+    "suite",
+    "provider",
+    "tokens",
+    "adapters",
+    "rank",
+    "hidden",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "vs_single_adapter",
+    "gbps",
+)
+BANK_SIZE = 64  # adapters loaded in the layer suite: the most a batch uses
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _adapter_configs(lib, rank: int) -> list:
+    return [lib.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], init_lora_weights=False)] * BANK_SIZE
+
+
+def _layer(lib, hidden: int, rank: int, device: torch.device) -> nn.Module:
+    """The LoRA layer of `lib` (peft or peftfast) with BANK_SIZE adapters "a0".."a63" on a bf16 base."""
+    torch.manual_seed(0)
+    base = _OneLinear(hidden).to(device, torch.bfloat16)
+    configs = _adapter_configs(lib, rank)
+    model = lib.get_peft_model(base, configs[0], adapter_name="a0")
+    for index, config in enumerate(configs[1:], start=1):
+        model.add_adapter(f"a{index}", config)
+    return model.eval().base_model.model.proj
+
+
+def _lora_bytes(tokens: int, adapters: int, rank: int, hidden: int, adapter_bytes: int) -> float:
+    """Ideal bytes of a layer call: bf16 base weight, x and y, and each used adapter's A and B once."""
+    return 2 * hidden * hidden + 2 * 2 * tokens * hidden + adapters * rank * 2 * hidden * adapter_bytes
+
+
+def _row(env: dict, suite: str, provider: str, timing, single_ms: float | None, ideal_bytes: float, **case) -> dict:
+    return {
+        **env,
+        "suite": suite,
+        "provider": provider,
+        **{key: str(value) for key, value in case.items()},
+        "median_ms": f"{timing.median_ms:.5f}",
+        "p20_ms": f"{timing.p20_ms:.5f}",
+        "p80_ms": f"{timing.p80_ms:.5f}",
+        "vs_single_adapter": f"{timing.median_ms / single_ms:.3f}" if single_ms else "",
+        "gbps": f"{ideal_bytes / timing.median_ms / 1e6:.1f}" if ideal_bytes else "",
+    }
+
+
+def _on(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with ops.use_backend(backend), torch.no_grad():
+            return fn()
+
+    return run
+
+
+def _layer_providers(
+    ours: nn.Module, theirs: nn.Module, x: torch.Tensor, names: list[str], groups: AdapterRowGroups
+) -> dict[str, Callable[[], object]]:
+    ours.set_adapter("a0")
+    return {
+        "single_adapter": _on("triton", lambda: ours(x)),
+        "gemm": _on("torch", lambda: ours.base_layer(x)),
+        "peftfast_sgmv": _on("triton", lambda: ours(x, adapter_names=groups)),
+        "peftfast_torch": _on("torch", lambda: ours(x, adapter_names=groups)),
+        "hf_peft": _on("torch", lambda: theirs(x, adapter_names=names)),
+    }
+
+
+def run_layer_suite(args: argparse.Namespace, device: torch.device, env: dict) -> list[dict]:
+    import peft
+
+    import peftfast
+
+    rows = []
+    for rank in args.ranks:
+        ours, theirs = _layer(peftfast, args.hidden, rank, device), _layer(peft, args.hidden, rank, device)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, args.hidden, device=device, dtype=torch.bfloat16)
+            for adapters in [a for a in args.adapters if a <= tokens]:
+                names = [f"a{row % adapters}" for row in range(tokens)]
+                groups = AdapterRowGroups(names, num_adapters=BANK_SIZE)
+                providers = _layer_providers(ours, theirs, x, names, groups)
+                if tokens > args.max_torch_loop_tokens:
+                    del providers["peftfast_torch"]
+                single_ms = None
+                for provider, fn in providers.items():
+                    timing = time_fn(fn, device)
+                    single_ms = timing.median_ms if provider == "single_adapter" else single_ms
+                    used = 1 if provider == "single_adapter" else 0 if provider == "gemm" else adapters
+                    adapter_bytes = 2 if provider == "peftfast_sgmv" else 4
+                    ideal = _lora_bytes(tokens, used, rank, args.hidden, adapter_bytes)
+                    case = dict(tokens=tokens, adapters=adapters, rank=rank, hidden=args.hidden)
+                    rows.append(_row(env, "layer", provider, timing, single_ms, ideal, **case))
+                    print(
+                        f"layer r={rank:<3} tokens={tokens:<4} adapters={adapters:<3} {provider:<15} "
+                        f"{timing.median_ms:.4f} ms"
+                    )
+    return rows
+
+
+def _llama(layers: int, device: torch.device) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, 32 layers by default).
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def run_model_suite(args: argparse.Namespace, device: torch.device, env: dict) -> list[dict]:
+    from transformers import DynamicCache
+
+    n_adapters, batch, rank = 32, 32, 16
+    base = _llama(args.layers, device)
+    config = LoraConfig(r=rank, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(base, config, adapter_name="a0")
+    for index in range(1, n_adapters):
+        model.add_adapter(f"a{index}", config)
+    model.eval()
+    names = [f"a{row}" for row in range(batch)]
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, args.context), device=device)
+    step = torch.randint(0, vocab, (batch, 1), device=device)
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(input_ids=ids, past_key_values=cache, use_cache=True, adapter_names=names)
+
+    def decode(backend: str, **kwargs) -> Callable[[], object]:
+        def run() -> object:
+            with ops.use_backend(backend), torch.no_grad():
+                out = model(input_ids=step, past_key_values=cache, use_cache=True, **kwargs)
+            cache.crop(-1)  # drop the token just decoded: every timed step sees the same context
+            return out
+
+        return run
+
+    def base_step() -> object:
+        with model.disable_adapter():
+            return decode("torch")()
+
+    model.set_adapter("a0")
+    providers = {
+        "single_adapter": decode("triton"),
+        "base_model": base_step,
+        "peftfast_sgmv": decode("triton", adapter_names=names),
+        "peftfast_torch": decode("torch", adapter_names=names),
+    }
+    rows, single_ms = [], None
+    for provider, fn in providers.items():
+        timing = time_fn(fn, device)
+        single_ms = timing.median_ms if provider == "single_adapter" else single_ms
+        case = dict(tokens=batch, adapters=n_adapters, rank=rank, hidden=4096)
+        rows.append(_row(env, f"llama-{args.layers}-layers-decode", provider, timing, single_ms, 0.0, **case))
+        print(
+            f"model layers={args.layers} batch={batch} adapters={n_adapters} {provider:<15} {timing.median_ms:.3f} ms"
+        )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("layer", "model", "all"), default="all")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the Llama-shaped model")
+    parser.add_argument("--context", type=int, default=128, help="KV-cache length before the timed decode step")
+    parser.add_argument(
+        "--max-torch-loop-tokens", type=int, default=64, help="skip the slow torch loop above this batch"
+    )
+    parser.add_argument("--quick", action="store_true", help="tokens 32, adapters 1/4/32, r=16, 2 model layers")
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print(
+            "bench_multi_adapter.py times GPU kernels and needs a CUDA GPU; none is visible here. "
+            "The kernels' correctness on CPU is checked by tests/test_multi_adapter_kernels.py.",
+            file=sys.stderr,
+        )
+        return 2
+    if args.quick:
+        args.tokens, args.adapters, args.ranks, args.layers = [32], [1, 4, 32], [16], 2
+    device = torch.device("cuda")
+    env = asdict(environment(device))
+    rows = []
+    if args.suite in ("layer", "all"):
+        rows += run_layer_suite(args, device, env)
+    if args.suite in ("model", "all"):
+        rows += run_model_suite(args, device, env)
+    path = args.output_dir / f"multi_adapter-{results_slug(device)}.csv"
+    append_csv(path, rows, COLUMNS)
+    print(f"{len(rows)} rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
