@@ -1,0 +1,1 @@
+"""peftfast inside the libraries users already train with (transformers' `Trainer` and adapter methods)."""
