@@ -3,7 +3,16 @@
 Change `from peft import ...` to `from peftfast import ...`; adapter folders move between the two libraries.
 """
 
-from .config import PeftConfig
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import PeftConfig, PromptLearningConfig
+from .integrations import transformers as _integrations_transformers
 from .mapping import get_peft_model, inject_adapter_in_model, register_peft_method
 from .peft_model import (
     PeftModel,
@@ -13,7 +22,19 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from .tuners import LoraConfig, LoraModel
+from .speedup import AccelerationReport, accelerate, accelerated, deaccelerate
+from .tuners import (
+    LoraConfig,
+    LoraModel,
+    PrefixEncoder,
+    PrefixTuningConfig,
+    PromptEmbedding,
+    PromptEncoder,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from .tuners.tuners_utils import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .utils import (
     PeftType,
@@ -21,11 +42,19 @@ from .utils import (
     cast_mixed_precision_params,
     get_peft_model_state_dict,
     load_peft_weights,
+    prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
 from .version import __version__
 
 __all__ = [
+    "AccelerationReport",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",
@@ -36,17 +65,33 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "TunerLayerStatus",
     "TunerModelStatus",
     "__version__",
+    "accelerate",
+    "accelerated",
     "cast_mixed_precision_params",
+    "deaccelerate",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "load_peft_weights",
+    "prepare_model_for_kbit_training",
     "register_peft_method",
     "set_peft_model_state_dict",
 ]
+
+# transformers' Trainer recognises PEFT models by HF PEFT's classes: teach it peftfast's, now or once it is imported.
+_integrations_transformers.patch_trainer_if_imported()

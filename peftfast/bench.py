@@ -526,17 +526,18 @@ TABLE_LEGEND = (
 )
 
 
-def append_csv(path: Path, rows: Sequence[dict[str, str]]) -> Path:
+def append_csv(path: Path, rows: Sequence[dict[str, str]], columns: Sequence[str] = CSV_COLUMNS) -> Path:
     """Append `rows` to the CSV at `path` (created with a header if new); refuse a file with other columns."""
+    columns = tuple(columns)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as existing:
-            columns = tuple(next(csv.reader(existing), ()))
-        if columns != CSV_COLUMNS:
-            raise ValueError(f"{path} has the columns {columns}, not {CSV_COLUMNS}; move it aside to start a new one.")
+            found = tuple(next(csv.reader(existing), ()))
+        if found != columns:
+            raise ValueError(f"{path} has the columns {found}, not {columns}; move it aside to start a new one.")
     with path.open("a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(file, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerows(rows)

@@ -52,6 +52,9 @@ class PeftConfigMixin:
     peft_version: str | None = field(default=None, metadata={"help": "Version that wrote the config."})
 
     def __post_init__(self) -> None:
+        # A method's config class names its method once, in `_peft_type`; every instance carries it.
+        if self._peft_type is not None:
+            self.peft_type = self._peft_type
         if self.peft_version is None:
             self.peft_version = f"peftfast=={__version__}"
         if self.task_type is not None and self.task_type not in {t.value for t in TaskType}:
@@ -113,9 +116,10 @@ class PeftConfigMixin:
         loaded = cls.from_json_file(config_file)
         loaded.update(kwargs)
         expected = getattr(cls, "_peft_type", None)
-        if expected is not None and loaded.get("peft_type") not in (None, expected.value):
+        expected = getattr(expected, "value", expected)
+        if expected is not None and loaded.get("peft_type") not in (None, expected):
             raise ValueError(
-                f"{config_file} holds a {loaded.get('peft_type')} config, not a {expected.value} "
+                f"{config_file} holds a {loaded.get('peft_type')} config, not a {expected} "
                 "config; load it with PeftConfig.from_pretrained instead."
             )
         return cls.from_peft_type(**loaded)
@@ -132,3 +136,37 @@ class PeftConfig(PeftConfigMixin):
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Name or path of the base model."})
     revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
     inference_mode: bool = field(default=False, metadata={"help": "Whether the adapter is frozen (inference only)."})
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Base config of the prompt-learning methods (prompt tuning, prefix tuning, P-tuning).
+
+    Args:
+        num_virtual_tokens: how many virtual tokens are prepended (to the input, or to every layer's keys and values).
+        token_dim: the model's hidden size (for prefix tuning on a grouped-query model: kv heads x head dim);
+            read from the model config when None.
+        num_transformer_submodules: 2 for encoder-decoder models (a prompt each), else 1; set from the task type
+            when None.
+        num_attention_heads: attention (for prefix tuning: key/value) heads; from the model config when None.
+        num_layers: transformer layers; from the model config when None.
+        modules_to_save: extra modules trained in full and saved with the prompt (e.g. a classifier head).
+    """
+
+    num_virtual_tokens: int | None = field(default=None, metadata={"help": "Number of virtual tokens."})
+    token_dim: int | None = field(default=None, metadata={"help": "Hidden size of the base model."})
+    num_transformer_submodules: int | None = field(default=None, metadata={"help": "1, or 2 for encoder-decoder."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "Attention heads of the base model."})
+    num_layers: int | None = field(default=None, metadata={"help": "Transformer layers of the base model."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full and saved."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_virtual_tokens is None or int(self.num_virtual_tokens) <= 0:
+            raise ValueError(
+                f"{type(self).__name__}.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}."
+            )
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from torch import nn
 from .config import PeftConfig
 from .mapping import PEFT_TYPE_TO_TUNER_MAPPING, _tuner_class
 from .tuners.tuners_utils import (
+    BasePromptEncoder,
     BaseTunerLayer,
     TunerLayerStatus,
     TunerModelStatus,
@@ -23,7 +26,7 @@ from .tuners.tuners_utils import (
     get_model_status,
 )
 from .utils.constants import SAFETENSORS_WEIGHTS_NAME, SEQ_CLS_HEAD_NAMES, TOKEN_CLS_HEAD_NAMES, WEIGHTS_NAME
-from .utils.other import ModulesToSaveWrapper
+from .utils.other import ModulesToSaveWrapper, set_trainable_modules
 from .utils.peft_types import TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .version import __version__
@@ -31,19 +34,24 @@ from .version import __version__
 _MODEL_CARD = """---
 library_name: peft
 tags:
-- lora
+- {method}
 - peftfast
 ---
 
 # Adapter
 
-A LoRA adapter saved by peftfast {version} in HF PEFT's format (`adapter_config.json` +
+A {peft_type} adapter saved by peftfast {version} in HF PEFT's format (`adapter_config.json` +
 `adapter_model.safetensors`); it loads with `peft` or `peftfast`.
 """
 
 
 class PeftModel(nn.Module):
     """A base model with adapters; same surface as `peft.PeftModel`.
+
+    For a tuner method (LoRA, ...) `base_model` is the tuner, which holds the model with adapter layers put in. For a
+    prompt-learning method `base_model` is the model itself, left as it is (only `modules_to_save` get wrapped);
+    the prompt's encoders are `prompt_encoder[adapter_name]`, their virtual token ids `prompt_tokens[adapter_name]`,
+    and the task classes prepend the prompt in `forward` and `generate`.
 
     Args:
         model: the base model (a transformers `PreTrainedModel` or any `nn.Module`).
@@ -67,12 +75,33 @@ class PeftModel(nn.Module):
         self.peft_type = peft_config.peft_type
         self._adapters_disabled = False
         tuner_cls = _tuner_class(peft_config)
+        self._is_prompt_learning = peft_config.is_prompt_learning
+        if self._is_prompt_learning:
+            _check_no_adapter_layers(model, peft_config)
+            self._peft_config: dict[str, PeftConfig] = {}
+            self._prompt_active_adapter: str | list[str] = adapter_name
+            self.base_model = model
+            self.prompt_encoder = nn.ModuleDict({})
+            self.prompt_tokens: dict[str, torch.Tensor] = {}
+            self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+            self._show_base_forward_signature()
+            return
         kwargs = {"low_cpu_mem_usage": low_cpu_mem_usage}
         if "autocast_adapter_dtype" in tuner_cls.__init__.__code__.co_varnames:
             kwargs["autocast_adapter_dtype"] = autocast_adapter_dtype
         self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, **kwargs)
         if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):
             self.base_model.config.pretraining_tp = 1
+        self._show_base_forward_signature()
+
+    def _show_base_forward_signature(self) -> None:
+        # transformers' Trainer keeps only the dataset columns that model.forward names, and looks through HF PEFT's
+        # PeftModel to the base model, but not through this class: so `forward` shows the base model's signature.
+        base_forward = getattr(self.get_base_model(), "forward", None)
+        if base_forward is not None:
+            self.forward = functools.update_wrapper(
+                functools.partial(type(self).forward, self), base_forward, assigned=("__doc__",), updated=()
+            )
 
     # Attributes not found here are looked up on the tuner, then the base model (merge_and_unload, config, ...).
     def __getattr__(self, name: str) -> Any:
@@ -93,22 +122,34 @@ class PeftModel(nn.Module):
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
+        if self._is_prompt_learning:
+            return self._peft_config
         return self.base_model.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
+        if self._is_prompt_learning:
+            return self._prompt_active_adapter
         return self.base_model.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
+        if self._is_prompt_learning:
+            active = self._prompt_active_adapter
+            return [active] if isinstance(active, str) else list(active)
         return self.base_model.active_adapters
 
     @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    @property
     def targeted_module_names(self) -> list[str]:
-        return self.base_model.targeted_module_names
+        # A prompt-learning method targets no module of the model.
+        return [] if self._is_prompt_learning else self.base_model.targeted_module_names
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self.base_model if self._is_prompt_learning else self.base_model.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, as HF PEFT counts them."""
@@ -124,20 +165,223 @@ class PeftModel(nn.Module):
         enable = getattr(self.base_model, "_enable_peft_forward_hooks", None)
         return enable(*args, **kwargs) if enable is not None else nullcontext()
 
+    def _prompt_is_on(self) -> bool:
+        return self._is_prompt_learning and not self._adapters_disabled and bool(self.active_adapters)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._prompt_is_on():
+            return self._prompt_learning_forward(*args, **kwargs)
         with self._forward_context(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if self._prompt_is_on():
+            return self._prompt_learning_generate(*args, **kwargs)
         with self._forward_context(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.get_base_model().generate(*args, **kwargs)
 
+    # Prompt learning. The model's inputs get `num_virtual_tokens` more positions in front: prompt embeddings
+    # prepended to the input embeddings, or (prefix tuning, `encoder.kv_prefix`) keys and values already in the cache.
+
+    # Whether `labels` has one entry per input token (causal LM), so that it gets -100 for the virtual tokens.
+    _labels_per_token = False
+
+    def _active_prompt_encoder(self) -> BasePromptEncoder:
+        return self.prompt_encoder[self.active_adapter]
+
+    def _setup_prompt_encoder(self, adapter_name: str) -> None:
+        """Build adapter `adapter_name`'s prompt encoder and virtual token ids, completing its config from the model's
+        (layers, hidden size, heads), and freeze the base model."""
+        config = self.peft_config[adapter_name]
+        encoder_cls = _tuner_class(config)
+        base = self.base_model
+        own_copies = {id(p) for m in base.modules() if isinstance(m, ModulesToSaveWrapper) for p in m.parameters()}
+        for param in base.parameters():
+            if id(param) not in own_copies:
+                param.requires_grad_(False)
+        self.transformer_backbone_name, backbone = _transformer_backbone(base)
+        # Registered here as in HF PEFT, so state_dict keys match (parameters are shared, not counted twice).
+        self.word_embeddings = _word_embeddings(base, backbone)
+        if config.num_transformer_submodules is None:
+            config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
+        _prepare_prompt_learning_config(config, getattr(base, "config", None), kv_prefix=encoder_cls.kv_prefix)
+        if encoder_cls.kv_prefix and any(getattr(m, "gradient_checkpointing", False) for m in base.modules()):
+            raise ValueError(
+                f"{config.peft_type} feeds its prefix through the key/value cache, which gradient checkpointing "
+                "turns off; disable gradient checkpointing on the model first."
+            )
+        encoder = encoder_cls(config, self.word_embeddings) if encoder_cls.uses_word_embeddings else encoder_cls(config)
+        device = next((p.device for p in base.parameters() if p.device.type != "meta"), None)
+        if device is not None:
+            encoder = encoder.to(device)
+        if config.inference_mode:
+            encoder.requires_grad_(False)
+        self.prompt_encoder[adapter_name] = encoder
+        self.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens * config.num_transformer_submodules)
+        if config.modules_to_save:
+            set_trainable_modules(
+                base,
+                adapter_name,
+                config.modules_to_save,
+                inference_mode=config.inference_mode,
+                activate_adapter=adapter_name in self.active_adapters,
+            )
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """What adapter files hold for a prompt-learning adapter (`prompt_embeddings`): the encoder's output for its
+        virtual tokens, `[num_virtual_tokens * num_transformer_submodules, width]` (prefix tuning: `[num_virtual_tokens,
+        2 * num_layers * token_dim]`), detached, on the CPU."""
+        self._check_adapter_name(adapter_name)
+        config = self.peft_config[adapter_name]
+        if not config.is_prompt_learning:
+            raise ValueError(f"Adapter {adapter_name!r} is a {config.peft_type} adapter, not a prompt-learning one.")
+        encoder = self.prompt_encoder[adapter_name]
+        tokens = self.prompt_tokens[adapter_name].to(encoder.embedding.weight.device)
+        if encoder.kv_prefix:
+            tokens = tokens[: config.num_virtual_tokens]
+        with torch.no_grad():
+            return encoder(tokens[None])[0].detach().cpu()
+
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None) -> Any:
+        """The active adapter's prompt for a batch of `batch_size` rows: prompt embeddings `[batch, virtual tokens,
+        token_dim]`, or for prefix tuning a transformers Cache holding `num_virtual_tokens` keys and values per layer
+        (an `EncoderDecoderCache` with an empty cross-attention part for encoder-decoder models)."""
+        if task_ids is not None:
+            raise ValueError("task_ids are only used by multitask prompt tuning, which peftfast does not implement.")
+        config = self.active_peft_config
+        encoder = self._active_prompt_encoder()
+        tokens = self.prompt_tokens[self.active_adapter].to(encoder.embedding.weight.device)
+        if not encoder.kv_prefix:
+            # One row through the encoder, then expanded: every row of the batch gets the same prompt.
+            prompts = encoder.embedding.weight if config.inference_mode else encoder(tokens[None])[0]
+            return prompts.repeat(batch_size, 1, 1)
+        table = (
+            encoder.embedding.weight if config.inference_mode else encoder(tokens[None, : config.num_virtual_tokens])[0]
+        )
+        dtype = getattr(self.base_model, "dtype", None)
+        if dtype is not None:
+            table = table.to(dtype)
+        head_dim = config.token_dim // config.num_attention_heads
+        past = table.repeat(batch_size, 1, 1).view(
+            batch_size, config.num_virtual_tokens, config.num_layers * 2, config.num_attention_heads, head_dim
+        )
+        if config.num_transformer_submodules == 2:
+            past = torch.cat([past, past], dim=2)
+        # Per layer: [2 (or 4: self- and cross-attention) x keys/values, batch, heads, virtual tokens, head_dim].
+        per_layer = past.permute(2, 0, 3, 1, 4).split(config.num_transformer_submodules * 2)
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        if config.num_transformer_submodules == 1:
+            return DynamicCache(per_layer)
+        cache = EncoderDecoderCache(per_layer)
+        # As HF PEFT: only the decoder's self-attention gets the prefix; the cross-attention cache is computed from
+        # the encoder's output as usual.
+        cache.cross_attention_cache = DynamicCache()
+        for layer in cache.is_updated:
+            cache.is_updated[layer] = False
+        return cache
+
+    def _prompt_learning_kwargs(self, kwargs: dict[str, Any], drop_token_type_ids: bool, warn: bool = True) -> None:
+        """Adjust position ids and token type ids to the prompt, in place: prefix tuning shifts position ids past the
+        virtual tokens; prepended prompts drop them (the model numbers the longer sequence itself)."""
+        config = self.active_peft_config
+        if kwargs.get("position_ids") is not None:
+            if self._active_prompt_encoder().kv_prefix:
+                kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
+            else:
+                if warn:
+                    warnings.warn(
+                        "position_ids are not used with prompt learning (as in HF PEFT); ignored.", stacklevel=4
+                    )
+                kwargs["position_ids"] = None
+        if drop_token_type_ids and kwargs.get("token_type_ids") is not None:
+            if warn:
+                warnings.warn(
+                    "token_type_ids are not used with prompt learning (as in HF PEFT); ignored.", stacklevel=4
+                )
+            kwargs["token_type_ids"] = None
+
+    def _prompt_learning_forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Forward of a decoder-only or encoder-only model with the prompt in front: the attention mask gets ones for
+        the virtual tokens, per-token labels get -100 there."""
+        config = self.active_peft_config
+        encoder = self._active_prompt_encoder()
+        kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+        batch_size = _batch_size(input_ids, inputs_embeds)
+        virtual = config.num_virtual_tokens
+        if attention_mask is not None:
+            attention_mask = torch.cat((attention_mask.new_ones(batch_size, virtual), attention_mask), dim=1)
+        self._prompt_learning_kwargs(kwargs, drop_token_type_ids=self._labels_per_token)
+        if labels is not None:
+            kwargs["labels"] = labels
+        if encoder.kv_prefix:
+            if "past_key_values" not in inspect.signature(self.base_model.forward).parameters:
+                raise ValueError(
+                    f"{type(self.base_model).__name__}.forward takes no past_key_values, which prefix tuning feeds its "
+                    "prefix through; use prompt tuning or P-tuning for this model."
+                )
+            kwargs["past_key_values"] = self.get_prompt(batch_size)
+            return self.base_model(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        if labels is not None and self._labels_per_token:
+            kwargs["labels"] = torch.cat((labels.new_full((batch_size, virtual), -100), labels), dim=1)
+        if kwargs.get("token_type_ids") is not None:
+            token_type_ids = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat((token_type_ids.new_zeros(batch_size, virtual), token_type_ids), dim=1)
+        prompts = self.get_prompt(batch_size).to(inputs_embeds.dtype)
+        inputs_embeds = torch.cat((prompts, inputs_embeds), dim=1)
+        return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def _prompt_learning_generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"generate with a prompt-learning adapter needs a task-specific PeftModel (task_type CAUSAL_LM or "
+            f"SEQ_2_SEQ_LM), not {type(self).__name__}."
+        )
+
+    @contextmanager
+    def _patched_prepare_inputs_for_generation(self) -> Iterator[None]:
+        """Route the base model's `prepare_inputs_for_generation` through `self._prepare_inputs_for_generation` for
+        the duration of one `generate` call."""
+        base = self.base_model
+        original = base.prepare_inputs_for_generation
+        own = base.__dict__.get("prepare_inputs_for_generation")
+
+        def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            return self._prepare_inputs_for_generation(original, *args, **kwargs)
+
+        base.prepare_inputs_for_generation = prepare
+        try:
+            yield
+        finally:
+            if own is None:
+                del base.prepare_inputs_for_generation
+            else:
+                base.prepare_inputs_for_generation = own
+
+    def _prepare_inputs_for_generation(self, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return original(*args, **kwargs)
+
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block: every adapter layer and modules_to_save copy is off (merged
-        adapters get unmerged). On exit the adapters are turned back on, unless they were all off before."""
+        adapters get unmerged; a prompt is not prepended). On exit the adapters are turned back on, unless they were
+        all off before."""
+        if self._is_prompt_learning:
+            with self._disable_prompt_adapter():
+                yield
+            return
         status = self.get_model_status()
         if status.enabled == "irregular":
             warnings.warn(
@@ -153,6 +397,22 @@ class PeftModel(nn.Module):
         finally:
             if status.enabled is not False:
                 self.base_model.enable_adapter_layers()
+            self._adapters_disabled = was_disabled
+
+    @contextmanager
+    def _disable_prompt_adapter(self) -> Iterator[None]:
+        wrappers = [m for m in self.base_model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        was_disabled = self._adapters_disabled
+        enabled = [not wrapper.disable_adapters for wrapper in wrappers]
+        try:
+            for wrapper in wrappers:
+                wrapper.enable_adapters(False)
+            self._adapters_disabled = True
+            yield
+        finally:
+            for wrapper, was_enabled in zip(wrappers, enabled):
+                if was_enabled:
+                    wrapper.enable_adapters(True)
             self._adapters_disabled = was_disabled
 
     def backend_summary(self) -> dict[str, str | None]:
@@ -188,8 +448,18 @@ class PeftModel(nn.Module):
         if new_type != model_type:
             raise ValueError(
                 f"Can't add a {new_type} adapter to a model with {model_type} adapters; one model holds "
-                "adapters of one method."
+                "adapters of one method (as in HF PEFT), so e.g. a prompt-learning method and LoRA can't be mixed."
             )
+        if self._is_prompt_learning:
+            self.peft_config[adapter_name] = peft_config
+            try:
+                self._setup_prompt_encoder(adapter_name)
+            except Exception:
+                del self.peft_config[adapter_name]
+                self.prompt_encoder.pop(adapter_name, None)
+                self.prompt_tokens.pop(adapter_name, None)
+                raise
+            return
         self.peft_config[adapter_name] = peft_config
         try:
             self.base_model.inject_adapter(self.get_base_model(), adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
@@ -209,13 +479,37 @@ class PeftModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_adapter_name(name)
+        if self._is_prompt_learning:
+            if len(names) != 1:
+                raise ValueError(f"A prompt-learning model has one active adapter at a time, got {names}.")
+            self._prompt_active_adapter = names[0]
+            for module in self.base_model.modules():
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.set_adapter(names, inference_mode=inference_mode)
+            return
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (it must not be merged). If it was active, the first remaining adapter by name becomes
         active."""
         self._check_adapter_name(adapter_name)
-        self.base_model.delete_adapter(adapter_name)
+        if not self._is_prompt_learning:
+            self.base_model.delete_adapter(adapter_name)
+            return
+        del self.peft_config[adapter_name]
+        del self.prompt_encoder[adapter_name]
+        del self.prompt_tokens[adapter_name]
+        remaining = [name for name in self.active_adapters if name != adapter_name]
+        if adapter_name in self.active_adapters and not remaining and self.peft_config:
+            remaining = sorted(self.peft_config)[:1]
+            warnings.warn(
+                f"Adapter {adapter_name!r} was active and is now deleted; {remaining[0]!r} is the active adapter.",
+                stacklevel=2,
+            )
+        for module in self.base_model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.delete_adapter(adapter_name, remaining)
+        self._prompt_active_adapter = remaining[0] if len(remaining) == 1 else remaining
 
     def save_pretrained(
         self,
@@ -240,7 +534,8 @@ class PeftModel(nn.Module):
         if is_main_process:
             os.makedirs(save_directory, exist_ok=True)
             with open(os.path.join(save_directory, "README.md"), "w") as handle:
-                handle.write(_MODEL_CARD.format(version=__version__))
+                peft_type = str(getattr(self.peft_type, "value", self.peft_type))
+                handle.write(_MODEL_CARD.format(method=peft_type.lower(), peft_type=peft_type, version=__version__))
         for adapter_name in selected_adapters:
             config = self.peft_config[adapter_name]
             state_dict = get_peft_model_state_dict(
@@ -293,6 +588,7 @@ class PeftModel(nn.Module):
         elif not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
         _tuner_class(config)
+        _check_prompt_learning_not_trainable(config, is_trainable)
         config.inference_mode = not is_trainable
         task_type = getattr(config.task_type, "value", config.task_type)
         if cls is PeftModel and task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
@@ -310,7 +606,8 @@ class PeftModel(nn.Module):
         except Exception:
             # Not unload(): that would leave modules_to_save copies (holding the file's weights) in the model.
             _remove_adapter_modules(model, keep=set())
-            peft_model.base_model.unload()
+            if not peft_model._is_prompt_learning:
+                peft_model.base_model.unload()
             raise
         # Weights assigned from the file (low_cpu_mem_usage) carry the file's dtype: apply the dtype policy again.
         peft_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
@@ -352,10 +649,14 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Load another adapter folder under `adapter_name` (left inactive; use `set_adapter`)."""
+        """Load another adapter folder under `adapter_name` (left inactive; use `set_adapter`). Under the name of an
+        existing adapter, as in HF PEFT, the folder's weights replace that adapter's (this is how transformers'
+        Trainer resumes from a checkpoint)."""
         if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
+            weights = load_peft_weights(model_id, device=torch_device, subfolder=kwargs.get("subfolder"))
+            return self._load_weights(weights, adapter_name, is_trainable, False, model_id)
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        _check_prompt_learning_not_trainable(config, is_trainable)
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, device=torch_device, subfolder=kwargs.get("subfolder"))
         base = self.get_base_model()
@@ -381,6 +682,9 @@ class PeftModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._check_adapter_name(name)
+        if self._is_prompt_learning:
+            for name in names:
+                self.prompt_encoder[name].requires_grad_(requires_grad)
         for module in self.modules():
             if isinstance(module, BaseTunerLayer):
                 for holder in module._adapter_holders():
@@ -391,6 +695,105 @@ class PeftModel(nn.Module):
                 for name in names:
                     if name in module.modules_to_save:
                         module.modules_to_save[name].requires_grad_(requires_grad)
+
+
+def _check_prompt_learning_not_trainable(config: PeftConfig, is_trainable: bool) -> None:
+    if config.is_prompt_learning and is_trainable:
+        # The file holds the encoder's output, not the encoder: there is nothing to go on training (HF PEFT's rule).
+        raise ValueError(
+            f"A {config.peft_type} adapter can't be loaded as trainable (is_trainable=True): adapter files hold the "
+            "prompt the encoder computed, not the encoder. Load it for inference, or train a new adapter."
+        )
+
+
+def _check_no_adapter_layers(model: nn.Module, config: PeftConfig) -> None:
+    """A prompt-learning method can't go on a model that already holds another method's adapter layers."""
+    layer = next((name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)), None)
+    if layer is not None:
+        raise ValueError(
+            f"The model already holds adapter layers (e.g. {layer!r}, a {type(model.get_submodule(layer)).__name__}); "
+            f"a {config.peft_type} prompt can't be added to it, as one model holds adapters of one method (as in HF "
+            "PEFT). Merge or unload those adapters first (merge_and_unload() / unload())."
+        )
+
+
+def _batch_size(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:
+    if input_ids is not None:
+        return input_ids.shape[0]
+    if inputs_embeds is not None:
+        return inputs_embeds.shape[0]
+    raise ValueError("Pass input_ids or inputs_embeds: the prompt is prepended to them.")
+
+
+def _transformer_backbone(model: nn.Module) -> tuple[str | None, nn.Module]:
+    """(name, module) of the first child that is a transformers model (the backbone under a task head); the model
+    itself (name None) when there is none."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None, model
+    for name, module in model.named_children():
+        if isinstance(module, PreTrainedModel):
+            return name, module
+    return None, model
+
+
+def _word_embeddings(model: nn.Module, backbone: nn.Module) -> nn.Module:
+    """The model's input word embeddings: `get_input_embeddings()`, else (as HF PEFT) the backbone's first parameter
+    with one row per vocabulary entry."""
+    get_input_embeddings = getattr(model, "get_input_embeddings", None)
+    if callable(get_input_embeddings):
+        try:
+            embeddings = get_input_embeddings()
+        except NotImplementedError:
+            embeddings = None
+        if embeddings is not None:
+            return embeddings
+    model_config = getattr(model, "config", None)
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    vocab_size = getattr(text_config, "vocab_size", None)
+    for name, param in backbone.named_parameters():
+        if vocab_size is not None and param.shape[0] == vocab_size and name.endswith(".weight"):
+            return backbone.get_submodule(name.removesuffix(".weight"))
+    raise ValueError(
+        f"Can't find the word embeddings of this {type(model).__name__}: it has no get_input_embeddings() and no "
+        "parameter with one row per vocabulary entry; prompt learning prepends to those embeddings."
+    )
+
+
+def _model_config_value(model_config: dict[str, Any], names: tuple[str, ...]) -> Any:
+    return next((model_config[name] for name in names if model_config.get(name) is not None), None)
+
+
+def _prepare_prompt_learning_config(config: PeftConfig, model_config: Any, kv_prefix: bool) -> None:
+    """Fill the unset sizes of a prompt-learning config from the model config, by HF PEFT's rules: num_layers,
+    token_dim, num_attention_heads; for a key/value prefix on a grouped-query model, heads and token_dim become the
+    key/value heads and their width; encoder_hidden_size defaults to token_dim."""
+    if hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+    values = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config or {})
+    if model_config is not None and getattr(model_config, "num_hidden_layers", None) is not None:
+        values["num_hidden_layers"] = model_config.num_hidden_layers
+    wanted = {
+        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+        "token_dim": ("hidden_size", "n_embd", "d_model"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+    }
+    for field_name, names in wanted.items():
+        if getattr(config, field_name) is None:
+            value = _model_config_value(values, names)
+            if value is None:
+                raise ValueError(
+                    f"Can't read {field_name} of {type(config).__name__} from the model config (none of {list(names)} "
+                    f"is set); pass {field_name}= in the config."
+                )
+            setattr(config, field_name, value)
+    if kv_prefix and values.get("num_key_value_heads") is not None:
+        head_dim = values.get("head_dim") or config.token_dim // config.num_attention_heads
+        config.token_dim = head_dim * values["num_key_value_heads"]
+        config.num_attention_heads = values["num_key_value_heads"]
+    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim
 
 
 def _is_adapter_module(module: nn.Module) -> bool:
@@ -409,11 +812,143 @@ def _remove_adapter_modules(model: nn.Module, keep: set[str]) -> None:
 
 
 class PeftModelForCausalLM(PeftModel):
-    """PeftModel for decoder-only language models (`generate` passes `adapter_names` through)."""
+    """PeftModel for decoder-only language models (`generate` passes `adapter_names` through). With a prompt, the
+    labels get -100 for the virtual tokens, and `generate` prepends the prompt at the first step."""
+
+    _labels_per_token = True
+
+    def _prompt_learning_generate(self, *args: Any, **kwargs: Any) -> Any:
+        with self._patched_prepare_inputs_for_generation():
+            return self.base_model.generate(*args, **kwargs)
+
+    def _prepare_inputs_for_generation(self, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        config = self.active_peft_config
+        kv_prefix = self._active_prompt_encoder().kv_prefix
+        model_kwargs = original(*args, **kwargs)
+        cache_position = model_kwargs.get("cache_position")
+        is_prefill = cache_position is not None and int(cache_position[0]) == 0
+        cache = model_kwargs.get("past_key_values")
+        input_ids = model_kwargs.get("input_ids")
+        # The cache holds the virtual tokens too, so it may be longer than input_ids: only the new token is fed.
+        if cache is not None and input_ids is not None and cache.get_seq_length() >= input_ids.shape[1]:
+            model_kwargs["input_ids"] = input_ids = input_ids[:, -1:]
+        attention_mask = model_kwargs.get("attention_mask")
+        if isinstance(attention_mask, dict):
+            if len(attention_mask) != 1:
+                raise ValueError(
+                    f"Got {len(attention_mask)} attention masks from the model's prepare_inputs_for_generation; "
+                    "prompt learning handles one."
+                )
+            attention_mask = next(iter(attention_mask.values()))
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise NotImplementedError(
+                    "Prompt learning generates with 2D attention masks (a dynamic cache); this model prepared a "
+                    f"{attention_mask.dim()}D mask. Use the default (dynamic) cache implementation."
+                )
+            ones = attention_mask.new_ones(attention_mask.shape[0], config.num_virtual_tokens)
+            model_kwargs["attention_mask"] = torch.cat((ones, attention_mask), dim=1)
+        self._prompt_learning_kwargs(model_kwargs, drop_token_type_ids=True, warn=False)
+        needs_prompt = cache is None or cache.get_seq_length() == 0
+        if needs_prompt and kv_prefix:
+            model_kwargs["past_key_values"] = self.get_prompt(batch_size=input_ids.shape[0])
+        elif needs_prompt:
+            inputs_embeds = self.word_embeddings(input_ids)
+            prompts = self.get_prompt(batch_size=input_ids.shape[0]).to(inputs_embeds.dtype)
+            model_kwargs["inputs_embeds"] = torch.cat((prompts, inputs_embeds), dim=1)
+            model_kwargs["input_ids"] = None
+        if kv_prefix and is_prefill:
+            # The cache starts with the virtual tokens: the input's positions come after them.
+            model_kwargs["cache_position"] = cache_position + config.num_virtual_tokens
+        elif not kv_prefix:
+            # With prepended embeddings the model derives the positions from the longer input.
+            model_kwargs.pop("cache_position", None)
+        return model_kwargs
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
-    """PeftModel for encoder-decoder models."""
+    """PeftModel for encoder-decoder models. A prepended prompt goes in front of the encoder's input; a prefix
+    (prefix tuning) into the decoder's self-attention, whose attention mask is extended to match."""
+
+    def _prompt_learning_forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        config = self.active_peft_config
+        virtual = config.num_virtual_tokens
+        kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+        batch_size = _batch_size(input_ids, inputs_embeds)
+        self._prompt_learning_kwargs(kwargs, drop_token_type_ids=True)
+        for name, value in (("labels", labels), ("decoder_input_ids", decoder_input_ids)):
+            if value is not None:
+                kwargs[name] = value
+        if decoder_inputs_embeds is not None:
+            kwargs["decoder_inputs_embeds"] = decoder_inputs_embeds
+        if self._active_prompt_encoder().kv_prefix:
+            if decoder_attention_mask is not None:
+                ones = decoder_attention_mask.new_ones(batch_size, virtual)
+                decoder_attention_mask = torch.cat((ones, decoder_attention_mask), dim=1)
+            kwargs["past_key_values"] = self.get_prompt(batch_size)
+            return self.base_model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                decoder_attention_mask=decoder_attention_mask,
+                **kwargs,
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        if attention_mask is not None:
+            attention_mask = torch.cat((attention_mask.new_ones(batch_size, virtual), attention_mask), dim=1)
+        prompts = self.get_prompt(batch_size).to(inputs_embeds.dtype)
+        inputs_embeds = torch.cat((prompts[:, :virtual], inputs_embeds), dim=1)
+        return self.base_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            decoder_attention_mask=decoder_attention_mask,
+            **kwargs,
+        )
+
+    def _prompt_learning_generate(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError("With a prompt-learning adapter, pass generate's inputs by keyword (input_ids=...).")
+        if "input_ids" not in kwargs:
+            raise ValueError(
+                "generate with a prompt-learning adapter needs input_ids (the prompt is prepended to them)."
+            )
+        config = self.active_peft_config
+        self._prompt_learning_kwargs(kwargs, drop_token_type_ids=True)
+        if self._active_prompt_encoder().kv_prefix:
+            with self._patched_prepare_inputs_for_generation():
+                return self.base_model.generate(**kwargs)
+        if kwargs.pop("encoder_outputs", None) is not None:
+            warnings.warn("encoder_outputs are ignored: the encoder runs again with the prompt.", stacklevel=3)
+        inputs_embeds = self.word_embeddings(kwargs.pop("input_ids"))
+        batch_size = inputs_embeds.shape[0]
+        prompts = self.get_prompt(batch_size).to(inputs_embeds.dtype)
+        kwargs["inputs_embeds"] = torch.cat((prompts[:, : config.num_virtual_tokens], inputs_embeds), dim=1)
+        if kwargs.get("attention_mask") is not None:
+            attention_mask = kwargs["attention_mask"]
+            ones = attention_mask.new_ones(batch_size, config.num_virtual_tokens)
+            kwargs["attention_mask"] = torch.cat((ones, attention_mask), dim=1)
+        return self.base_model.generate(**kwargs)
+
+    def _prepare_inputs_for_generation(self, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        model_kwargs = original(*args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        is_first = kwargs.get("is_first_iteration")
+        if is_first is None:
+            is_first = cache is None or cache.get_seq_length() == 0
+        if is_first:
+            model_kwargs["past_key_values"] = self.get_prompt(model_kwargs["decoder_input_ids"].shape[0])
+        return model_kwargs
 
 
 class PeftModelForFeatureExtraction(PeftModel):

@@ -87,3 +87,49 @@ def tiny_llama_classifier(seed: int = 0, num_labels: int = 3):
         pad_token_id=0,
     )
     return LlamaForSequenceClassification(config).eval()
+
+
+def quantize_to_4bit(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    compress_statistics: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+    compute_dtype: torch.dtype | None = torch.float32,
+    skip: tuple[str, ...] = ("lm_head", "score"),
+    cpu_repack: bool = False,
+) -> nn.Module:
+    """Replace every nn.Linear (except `skip`) by a bitsandbytes Linear4bit holding its weight quantized, as
+    transformers' `BitsAndBytesConfig(load_in_4bit=True, ...)` does; marks the model `is_loaded_in_4bit`.
+
+    bitsandbytes repacks a 4-bit weight in place into a CPU-only layout on its first eval-mode, no-grad forward on a
+    CPU with AVX512-BF16 (with absmax rounded to bf16). `cpu_repack=False` turns that off, so that every model built
+    here keeps the standard layout whatever the CPU; tests of the repacked layout ask for it."""
+    import bitsandbytes as bnb
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or child_name in skip:
+                continue
+            quantized = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=compress_statistics,
+                quant_type=quant_type,
+                quant_storage=quant_storage,
+            )
+            quantized.weight = bnb.nn.Params4bit(
+                child.weight.data.clone(),
+                requires_grad=False,
+                quant_type=quant_type,
+                compress_statistics=compress_statistics,
+                quant_storage=quant_storage,
+                module=quantized,
+            ).to(child.weight.device)
+            if child.bias is not None:
+                quantized.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            quantized.support_avx512bf16_for_cpu = quantized.support_avx512bf16_for_cpu and cpu_repack
+            setattr(module, child_name, quantized)
+    model.is_loaded_in_4bit = True
+    return model

@@ -159,11 +159,11 @@ def test_config_of_another_method(tmp_path, peft_type):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == peft_type
     model = _mlp()
     snapshot = _snapshot(model)
-    for load in (
-        PeftConfig.from_pretrained,
-        LoraConfig.from_pretrained,
-        lambda path: PeftModel.from_pretrained(model, path),
-    ):
+    # IA3 is unknown to peftfast; prompt tuning is known, but is not LoRA and can't join LoRA adapters.
+    loads = [LoraConfig.from_pretrained]
+    if peft_type == "IA3":
+        loads += [PeftConfig.from_pretrained, lambda path: PeftModel.from_pretrained(model, path)]
+    for load in loads:
         with pytest.raises(ValueError, match=peft_type):
             load(tmp_path)
     _assert_unchanged(model, snapshot)

@@ -65,13 +65,135 @@ def lora_add(
     return implementation(result, x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
 
 
+def _can_run_lora_multi_adapter(y, x, lora_A, lora_B_t, lora_B_bias, scaling, *args, **kwargs) -> bool:
+    """Whether the SGMV kernels serve this call: GPU tensors (or CPU ones under TRITON_INTERPRET=1) on one device,
+    float activations and adapter weights, int32 token offsets."""
+    on_device = x.is_cuda or (x.device.type == "cpu" and autograd._interpreting())
+    tensors = [y, x, lora_A, lora_B_t, scaling] + ([lora_B_bias] if lora_B_bias is not None else [])
+    if not on_device or any(t.device != x.device for t in tensors):
+        return False
+    if any(t.dtype not in autograd._FP_DTYPES for t in (y, x, lora_A, lora_B_t)):
+        return False
+    return max(x.numel(), y.numel()) < 2**31 and autograd.triton_available()
+
+
+def _lora_multi_adapter_triton(*args, **kwargs) -> torch.Tensor:
+    # Imported here so that `import peftfast` works without Triton.
+    from ..kernels import sgmv
+
+    return sgmv.lora_multi_adapter(*args, **kwargs)
+
+
+dispatch.register("lora_multi_adapter", "torch", reference.lora_multi_adapter)
+dispatch.register("lora_multi_adapter", "triton", _lora_multi_adapter_triton, can_serve=_can_run_lora_multi_adapter)
+
+
+def multi_adapter_bank_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype `lora_multi_adapter` wants packed adapter weights in for activations `x`: x's half-precision dtype
+    where the triton kernels will serve on a GPU (they multiply in it, so half-precision copies give the same products
+    from half the bytes); None elsewhere (keep the adapters' dtype, HF PEFT's for the LoRA branch)."""
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or get_backend() not in ("auto", "triton"):
+        return None
+    return x.dtype if autograd.triton_available() else None
+
+
+def lora_multi_adapter(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B_t: torch.Tensor,
+    lora_B_bias: torch.Tensor | None,
+    scaling: torch.Tensor,
+    slot_spans: torch.Tensor,
+    group_slot: torch.Tensor,
+    token_order: torch.Tensor,
+    tiles: torch.Tensor,
+    block_m: int,
+    r_max: int,
+) -> torch.Tensor:
+    """Semantics: y[i] += (x[i] @ A[s].T @ B[s].T + B_bias[s]) * scaling[s], s = group_slot[group of token i]
+    (y[i] untouched when s = -1). In place; returns y. Inference only (no autograd).
+
+    Shapes: y [M, d_out]; x [M, d_in]; adapters packed row-wise without padding: lora_A [R_total, d_in], lora_B_t
+    [R_total, d_out] (B transposed), slot s owning rows slot_spans[s] = (row_s, r_s) int32 [n_slots, 2]; lora_B_bias
+    [n_slots, d_out] or None; scaling [n_slots] fp32; group_slot [n_groups] int32 (-1: no adapter in this layer);
+    token_order [M] int32, tokens grouped by adapter group; tiles [n_tiles, 3] int32 (group, start, end) positions
+    in token_order, at most block_m long, group -1 = idle; r_max = max_s r_s. See `peftfast.utils.mixed_batch`.
+    """
+    backend, implementation = dispatch.resolve("lora_multi_adapter", y, x, lora_A, lora_B_t, lora_B_bias, scaling)
+    _last_backend["lora_multi_adapter"] = backend
+    return implementation(
+        y, x, lora_A, lora_B_t, lora_B_bias, scaling, slot_spans, group_slot, token_order, tiles, block_m, r_max
+    )
+
+
 __all__ = [
     "available_backends",
     "get_backend",
     "last_backend",
     "lora_add",
     "lora_linear",
+    "lora_multi_adapter",
+    "multi_adapter_bank_dtype",
     "reference",
     "set_backend",
     "use_backend",
 ]
+
+
+# 4-bit (bitsandbytes NF4/FP4) weights. `nf4` imports Triton only when a kernel runs.
+from . import nf4 as _nf4  # noqa: E402
+
+dispatch.register("nf4_dequantize", "torch", reference.nf4_dequantize)
+dispatch.register("nf4_dequantize", "triton", _nf4.nf4_dequantize_triton, can_serve=_nf4.can_run_nf4_dequantize)
+dispatch.register("lora_linear_4bit", "torch", reference.lora_linear_4bit)
+dispatch.register("lora_linear_4bit", "triton", _nf4.lora_linear_4bit_triton, can_serve=_nf4.can_run_lora_linear_4bit)
+
+
+def nf4_dequantize(weight: torch.Tensor, quant_state: object, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Semantics: W = bitsandbytes.functional.dequantize_4bit(weight, quant_state).to(dtype), bit for bit (see
+    `reference.nf4_dequantize` for the storage read). A weight in bitsandbytes' CPU-packed inference layout is
+    dequantized by bitsandbytes itself (backend "bitsandbytes").
+
+    Shapes: weight the packed `Params4bit` data [(N*K + 1) // 2, 1] (uint8, or its bytes as quant_storage);
+    quant_state a bitsandbytes `QuantState` with shape (N, K). Returns W [N, K] in `dtype` (default quant_state.dtype).
+    """
+    if _nf4.is_cpu_packed(quant_state):
+        _last_backend["nf4_dequantize"] = "bitsandbytes"
+        dense = _nf4.dequantize_with_bitsandbytes(weight, quant_state)
+        return dense.to(dtype) if dtype is not None else dense
+    stored = _nf4.read_quant_state(weight, quant_state)
+    backend, implementation = dispatch.resolve("nf4_dequantize", stored.packed, stored.absmax)
+    _last_backend["nf4_dequantize"] = backend
+    return implementation(*stored, dtype=dtype or quant_state.dtype)
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: object,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    lora_B_bias: Sequence[torch.Tensor | None],
+    scaling: Sequence[float],
+    dropout_p: Sequence[float],
+    training: bool,
+) -> torch.Tensor:
+    """Semantics: base = (x.to(c) @ dequantize_4bit(weight, quant_state).to(c).T + bias.to(c)).to(x.dtype), with
+    c = compute_dtype (bitsandbytes' Linear4bit); y = base + sum_i scaling[i] * (dropout(x, p[i]) @ A[i].T @ B[i].T
+    + B_bias[i]) (HF PEFT's LoRA term).
+
+    Shapes: x [..., K]; weight and quant_state as in `nf4_dequantize` (W [N, K], not CPU-packed); bias [N] or None;
+    A[i] [r_i, K]; B[i] [N, r_i]; B_bias[i] [N] or None. Returns [..., N] in x's dtype.
+    """
+    stored = _nf4.read_quant_state(weight, quant_state)
+    backend, implementation = dispatch.resolve(
+        "lora_linear_4bit", x, stored, bias, compute_dtype, lora_A, lora_B, lora_B_bias
+    )
+    _last_backend["lora_linear_4bit"] = backend
+    return implementation(x, stored, bias, compute_dtype, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
+
+
+__all__ += ["lora_linear_4bit", "nf4_dequantize"]

@@ -7,7 +7,9 @@ base output's dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +31,11 @@ def lora_add(
     """
     result_dtype = result.dtype
     for A, B, B_bias, s, p in zip(lora_A, lora_B, lora_B_bias, scaling, dropout_p):
-        x = x.to(A.dtype)
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
         dropped = F.dropout(x, p=p, training=training) if p > 0 else x
         result = result + F.linear(F.linear(dropped, A), B, B_bias) * s
-    return result.to(result_dtype)
+    return result if result.dtype == result_dtype else result.to(result_dtype)
 
 
 def lora_linear(
@@ -51,3 +54,174 @@ def lora_linear(
     Shapes: x [..., d_in], weight [d_out, d_in], bias [d_out] or None; adapters as in `lora_add`.
     """
     return lora_add(F.linear(x, weight, bias), x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
+
+
+class Nf4Weight(NamedTuple):
+    """A bitsandbytes 4-bit weight W [N, K] as stored (see `nf4_dequantize`); the nested fields are None when the
+    absmax is plain fp32."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    shape: tuple[int, int]
+    absmax_code: torch.Tensor | None = None
+    absmax_scale: torch.Tensor | None = None
+    absmax_offset: float = 0.0
+    absmax_blocksize: int = 256
+
+
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    absmax_code: torch.Tensor | None = None,
+    absmax_scale: torch.Tensor | None = None,
+    absmax_offset: float = 0.0,
+    absmax_blocksize: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Semantics (bitsandbytes' 4-bit storage, flat index i over W row-major):
+    q[i] = packed_byte[i // 2] >> 4 if i is even else packed_byte[i // 2] & 15;
+    scale[b] = absmax[b], or when nested: absmax_code[absmax[b]] * absmax_scale[b // absmax_blocksize] + absmax_offset;
+    W[i] = dtype(code[q[i]] * scale[i // blocksize]), every product in fp32.
+
+    Shapes: packed any shape holding ceil(numel/2) bytes (uint8, or those bytes viewed as another dtype); absmax
+    [ceil(numel / blocksize)] fp32, or uint8 codes when nested; code [16] fp32; absmax_code [256] fp32; absmax_scale
+    [ceil(len(absmax) / absmax_blocksize)] fp32. Returns W of `shape` in `dtype`.
+    """
+    numel = math.prod(shape)
+    packed = packed.contiguous().view(-1).view(torch.uint8)
+    codes = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[:numel].long()
+    if absmax_code is not None:
+        groups = torch.arange(absmax.numel(), device=absmax.device) // absmax_blocksize
+        # Two roundings, as bitsandbytes does (one kernel multiplies, then a separate add): never a fused multiply-add.
+        scales = absmax_code.float()[absmax.long()] * absmax_scale.float()[groups]
+        scales = scales + torch.as_tensor(absmax_offset, dtype=torch.float32, device=scales.device)
+    else:
+        scales = absmax.float()
+    blocks = torch.arange(numel, device=packed.device) // blocksize
+    return (code.float()[codes] * scales[blocks]).to(dtype).reshape(tuple(shape))
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    weight: Nf4Weight,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    lora_B_bias: Sequence[torch.Tensor | None],
+    scaling: Sequence[float],
+    dropout_p: Sequence[float],
+    training: bool,
+) -> torch.Tensor:
+    """Semantics (bitsandbytes' Linear4bit, then HF PEFT's LoRA term), c = compute_dtype:
+    base = (x.to(c) @ nf4_dequantize(*weight, dtype=c).T + bias.to(c)).to(x.dtype); y = lora_add(base, x, adapters).
+
+    Shapes: x [..., K]; weight W [N, K] (see `Nf4Weight`); bias [N] or None; adapters as in `lora_add`.
+    Returns [..., N] in x's dtype.
+    """
+    dense = nf4_dequantize(*weight, dtype=compute_dtype)
+    bias = bias.to(compute_dtype) if bias is not None else None
+    base = F.linear(x.to(compute_dtype), dense, bias).to(x.dtype)
+    return lora_add(base, x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
+
+
+def _tile_groups(tiles: torch.Tensor, group_slot: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(slot, start, end) of each group served in this layer; a group's tiles are consecutive in token order."""
+    spans: dict[int, list[int]] = {}
+    for group, start, end in tiles.tolist():
+        if group >= 0 and end > start:
+            span = spans.setdefault(group, [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
+    slots = group_slot.tolist()
+    return [(slots[group], start, end) for group, (start, end) in spans.items() if slots[group] >= 0]
+
+
+def lora_shrink_sgmv(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    slot_spans: torch.Tensor,
+    group_slot: torch.Tensor,
+    token_order: torch.Tensor,
+    tiles: torch.Tensor,
+    block_m: int,
+    r_max: int,
+) -> torch.Tensor:
+    """Semantics: t[p, :r_s] = x[token_order[p]] @ A[row_s : row_s + r_s].T for every position p of a tile whose group
+    has slot s >= 0 (s = group_slot[group]); every other entry of t is 0. fp32.
+
+    Shapes: x [M, d_in]; lora_A [R_total, d_in] (slot s owns rows row_s : row_s + r_s); slot_spans [n_slots, 2] int32
+    (row_s, r_s); group_slot [n_groups] int32; token_order [M] int32 (tokens grouped by adapter); tiles [n_tiles, 3]
+    int32 (group, start, end) positions in token_order, group -1 = idle, end - start <= block_m.
+    Returns t [M, r_max] in token_order's order.
+    """
+    out = torch.zeros(x.shape[0], r_max, device=x.device, dtype=torch.float32)
+    spans = slot_spans.tolist()
+    for slot, start, end in _tile_groups(tiles, group_slot):
+        row, rank = spans[slot]
+        tokens = token_order[start:end].long()
+        out[start:end, :rank] = F.linear(x[tokens].to(lora_A.dtype), lora_A[row : row + rank]).float()
+    return out
+
+
+def lora_expand_sgmv(
+    y: torch.Tensor,
+    shrunk: torch.Tensor,
+    lora_B_t: torch.Tensor,
+    lora_B_bias: torch.Tensor | None,
+    scaling: torch.Tensor,
+    slot_spans: torch.Tensor,
+    group_slot: torch.Tensor,
+    token_order: torch.Tensor,
+    tiles: torch.Tensor,
+    block_m: int,
+) -> torch.Tensor:
+    """Semantics: y[token_order[p]] += (t[p, :r_s] @ B_t[row_s : row_s + r_s] + B_bias[s]) * scaling[s] for every
+    position p of a tile whose group has slot s >= 0; other rows of y are untouched. In place; returns y.
+
+    Shapes: y [M, d_out]; shrunk t [M, r_max] fp32 in token_order's order; lora_B_t [R_total, d_out] (B transposed);
+    lora_B_bias [n_slots, d_out] or None; scaling [n_slots] fp32; the rest as in `lora_shrink_sgmv`.
+    """
+    spans = slot_spans.tolist()
+    for slot, start, end in _tile_groups(tiles, group_slot):
+        row, rank = spans[slot]
+        tokens = token_order[start:end].long()
+        bias = lora_B_bias[slot] if lora_B_bias is not None else None
+        delta = F.linear(shrunk[start:end, :rank].to(lora_B_t.dtype), lora_B_t[row : row + rank].T, bias)
+        y[tokens] = (y[tokens] + delta * scaling[slot].item()).to(y.dtype)
+    return y
+
+
+def lora_multi_adapter(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B_t: torch.Tensor,
+    lora_B_bias: torch.Tensor | None,
+    scaling: torch.Tensor,
+    slot_spans: torch.Tensor,
+    group_slot: torch.Tensor,
+    token_order: torch.Tensor,
+    tiles: torch.Tensor,
+    block_m: int,
+    r_max: int,
+) -> torch.Tensor:
+    """Semantics: y[i] += (x[i] @ A[s].T @ B[s].T + B_bias[s]) * scaling[s], s = group_slot[group of token i]
+    (y[i] untouched when s = -1): HF PEFT's mixed-batch LoRA term, in the adapter weights' dtype. In place; returns y.
+
+    Shapes: y [M, d_out]; x [M, d_in]; packed adapters and token layout as in `lora_shrink_sgmv`/`lora_expand_sgmv`
+    (A[s] = lora_A[row_s : row_s + r_s], B[s] = lora_B_t[row_s : row_s + r_s].T); r_max = max_s r_s.
+    """
+    spans = slot_spans.tolist()
+    for slot, start, end in _tile_groups(tiles, group_slot):
+        row, rank = spans[slot]
+        tokens = token_order[start:end].long()
+        bias = lora_B_bias[slot] if lora_B_bias is not None else None
+        after_A = F.linear(x[tokens].to(lora_A.dtype), lora_A[row : row + rank])
+        delta = F.linear(after_A, lora_B_t[row : row + rank].T, bias) * scaling[slot].item()
+        y[tokens] = (y[tokens] + delta).to(y.dtype)
+    return y

@@ -1,4 +1,23 @@
-from .lora import LoraConfig, LoraModel
-from .tuners_utils import BaseTuner, BaseTunerLayer
+"""The adapter methods; importing a method's package registers it (see `peftfast.mapping.register_peft_method`)."""
 
-__all__ = ["BaseTuner", "BaseTunerLayer", "LoraConfig", "LoraModel"]
+from .lora import LoraConfig, LoraModel
+from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .tuners_utils import BasePromptEncoder, BaseTuner, BaseTunerLayer
+
+__all__ = [
+    "BasePromptEncoder",
+    "BaseTuner",
+    "BaseTunerLayer",
+    "LoraConfig",
+    "LoraModel",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+]

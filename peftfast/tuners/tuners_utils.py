@@ -227,11 +227,45 @@ class BaseTunerLayer:
                 self._active_adapter = []
 
 
+class BasePromptEncoder(nn.Module):
+    """Base of the prompt-learning encoders (`PromptEmbedding`, `PrefixEncoder`, `PromptEncoder`).
+
+    A prompt-learning method leaves the base model untouched: its whole state is this module, held by the
+    `PeftModel` in `prompt_encoder[adapter_name]`. It maps virtual token ids `[batch, n]` to `[batch, n, width]`
+    and has an `embedding` (`nn.Embedding`) whose rows the encoder output is computed from.
+
+    Class attributes say how `PeftModel` uses the output:
+    - `kv_prefix` False: the output is prompt embeddings, prepended to the input embeddings (width = token_dim);
+      True: it is a key/value prefix for every layer, fed as `past_key_values` (width = 2 * num_layers * token_dim).
+    - `uses_word_embeddings`: the constructor takes the model's word embeddings (to initialise from them).
+
+    Adapter files hold the encoder's output for the virtual tokens, as `prompt_embeddings` (HF PEFT's format); a
+    model loaded for inference keeps just that table in `embedding` and skips the encoder.
+    """
+
+    kv_prefix: bool = False
+    uses_word_embeddings: bool = False
+    embedding: nn.Embedding
+
+    def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
+        """Load a saved `prompt_embeddings` table into `embedding` (an inference-mode encoder: the table is used as
+        the output as is)."""
+        if prompt_embeddings.shape != self.embedding.weight.shape:
+            raise ValueError(
+                f"The saved prompt_embeddings have shape {tuple(prompt_embeddings.shape)} but this "
+                f"{type(self).__name__} expects {tuple(self.embedding.weight.shape)}; the adapter was saved for "
+                "another model or another num_virtual_tokens."
+            )
+        with torch.no_grad():
+            self.embedding.weight.copy_(prompt_embeddings.to(self.embedding.weight.device, self.embedding.weight.dtype))
+
+
 class BaseTuner(nn.Module):
     """Wraps a model and injects one method's adapter layers into the modules its config targets.
 
-    Subclasses implement `_create_and_replace` and `_mark_only_adapters_as_trainable`, and set `prefix` (the
-    start of every adapter parameter name, e.g. "lora_") and `tuner_layer_cls`.
+    Subclasses implement `_create_and_replace` (may override `_mark_only_adapters_as_trainable`), and set `prefix`
+    (the start of every adapter parameter name, e.g. "lora_") and `tuner_layer_cls`. Adapter management (set, delete,
+    enable/disable, merge, unload) works on any `BaseTunerLayer`.
     """
 
     prefix: str = ""
@@ -290,8 +324,13 @@ class BaseTuner(nn.Module):
         return config
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
-        if len(self.peft_config) > 1 and config.bias != "none":
-            active = [name for name, cfg in self.peft_config.items() if cfg is not config and cfg.bias != "none"]
+        # Only methods whose config has a `bias` option (LoRA) can train base biases.
+        if len(self.peft_config) > 1 and getattr(config, "bias", "none") != "none":
+            active = [
+                name
+                for name, cfg in self.peft_config.items()
+                if cfg is not config and getattr(cfg, "bias", "none") != "none"
+            ]
             if active:
                 raise ValueError(
                     f"{type(self).__name__} supports only one adapter with bias != 'none' (already: {active}); "
@@ -310,7 +349,18 @@ class BaseTuner(nn.Module):
         raise NotImplementedError
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        raise NotImplementedError
+        """Freeze everything but adapter weights and modules_to_save copies (found by structure, not by name; their
+        requires_grad is left to set_adapter)."""
+        adapter_params: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                for holder in module._adapter_holders():
+                    adapter_params.update(id(param) for param in holder.parameters())
+            elif isinstance(module, ModulesToSaveWrapper):
+                adapter_params.update(id(param) for param in module.modules_to_save.parameters())
+        for param in model.parameters():
+            if id(param) not in adapter_params:
+                param.requires_grad_(False)
 
     def inject_adapter(
         self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False
@@ -491,6 +541,43 @@ class BaseTuner(nn.Module):
         for module in self._tuner_layers():
             module.unmerge()
 
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        if merge and safe_merge:
+            self._check_safe_merge(adapter_names)
+        keys = [key for key, _ in self.model.named_modules()]
+        for key in keys:
+            try:
+                parent, target, target_name = get_submodules(self.model, key)
+            except AttributeError:
+                continue
+            if isinstance(target, BaseTunerLayer):
+                if merge:
+                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                setattr(parent, target_name, target.get_base_layer())
+            elif isinstance(target, ModulesToSaveWrapper):
+                chosen = target.modules_to_save[target.active_adapters[0]] if target.active_adapters else None
+                setattr(parent, target_name, chosen if chosen is not None else target.original_module)
+        # No adapter is left in the model, so neither is its config (as HF PEFT: wrapping it again starts clean).
+        if "peft_config" in self.model.__dict__:
+            del self.model.peft_config
+        return self.model
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the adapters (the active ones when `adapter_names` is None) into the base weights and return the
+        base model with no adapter modules left: adapter layers become their base layers again, and a modules_to_save
+        wrapper becomes the active adapter's copy (the original module when none is active). Use the returned
+        model. With `safe_merge`, a NaN/inf in any merged weight raises before anything is changed."""
+        return self._unload_and_optionally_merge(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Return the base model with every adapter module removed, merging nothing (adapters merged earlier stay
+        in the weights: unmerge first to get the original base model back)."""
+        return self._unload_and_optionally_merge(merge=False)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         return count_parameters(self)
 
@@ -563,6 +650,12 @@ def _peft_model_tuner(model: nn.Module) -> BaseTuner | None:
     if not isinstance(model, PeftModel):
         return None
     if not isinstance(model.base_model, BaseTuner):
+        if getattr(model, "_is_prompt_learning", False):
+            # As HF PEFT: a prompt-learning method puts no layers into the model, so there is no layer to report.
+            raise TypeError(
+                f"Layer and model status are for methods with adapter layers; this PeftModel's {model.peft_type} "
+                "adapters have none (their state is model.prompt_encoder)."
+            )
         raise TypeError(f"This PeftModel wraps a {type(model.base_model).__name__}, not an adapter tuner.")
     return model.base_model
 

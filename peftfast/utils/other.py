@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -208,3 +210,54 @@ def init_empty_weights() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register_parameter
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+    auto_clear_cache: bool = True,
+) -> nn.Module:
+    """Get a quantized transformers model ready for (Q)LoRA training, as HF PEFT does: freeze every parameter, upcast
+    the fp16/bf16 ones that are not 4-bit weights to fp32 (unless the model is GPTQ/AQLM/EETQ/HQQ/torchao quantized),
+    and, for a model loaded in 8 or 4 bits (or those quantizations), turn on gradient checkpointing with
+    `gradient_checkpointing_kwargs`; with reentrant checkpointing (the default) the input embeddings' output is made
+    to require grad, so gradients reach the adapters through the checkpointed blocks. `auto_clear_cache` empties
+    the CUDA cache after the upcast. Returns the model, changed in place."""
+    method = getattr(model, "quantization_method", None)
+    other_quantization = method in ("gptq", "aqlm", "eetq", "hqq", "torchao") or getattr(model, "hqq_quantized", False)
+    loaded_in_kbit = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    gradient_checkpointing_kwargs = gradient_checkpointing_kwargs or {}
+
+    for param in model.parameters():
+        param.requires_grad = False
+    if not other_quantization:
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+                param.data = param.data.to(torch.float32)
+        if auto_clear_cache and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    if (loaded_in_kbit or other_quantization) and use_gradient_checkpointing:
+        if gradient_checkpointing_kwargs.get("use_reentrant", True):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            else:
+
+                def make_inputs_require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+                    output.requires_grad_(True)
+
+                model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+        parameters = inspect.signature(model.gradient_checkpointing_enable).parameters
+        if "gradient_checkpointing_kwargs" in parameters:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        else:
+            if gradient_checkpointing_kwargs:
+                warnings.warn(
+                    "This transformers version's gradient_checkpointing_enable takes no gradient_checkpointing_kwargs; "
+                    "they are ignored. Upgrade transformers to use them.",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+            model.gradient_checkpointing_enable()
+    return model

@@ -17,7 +17,6 @@ from torch import nn
 
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .other import ModulesToSaveWrapper
-from .peft_types import PeftType
 
 
 def _tuner_prefix(config: Any) -> str:
@@ -115,14 +114,17 @@ def get_peft_model_state_dict(
     config = model.peft_config[adapter_name]
     if state_dict is None:
         state_dict = model.state_dict()
-    if config.peft_type != PeftType.LORA:
-        raise NotImplementedError(f"Saving {config.peft_type} adapters is not implemented in peftfast.")
     prefix = _tuner_prefix(config)
-    own_adapter = re.compile(rf"\.{re.escape(adapter_name)}(\.|$)")
-    to_return = {k: v for k, v in state_dict.items() if prefix in k and own_adapter.search(k)}
-    if config.bias == "all":
+    if config.is_prompt_learning:
+        # As HF PEFT: the prompt is saved as the encoder's output for the virtual tokens, not as encoder weights.
+        to_return = {"prompt_embeddings": model.get_prompt_embedding_to_save(adapter_name)}
+    else:
+        own_adapter = re.compile(rf"\.{re.escape(adapter_name)}(\.|$)")
+        to_return = {k: v for k, v in state_dict.items() if prefix in k and own_adapter.search(k)}
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
         to_return.update((k, v) for k, v in state_dict.items() if prefix not in k and k.endswith(".bias"))
-    elif config.bias == "lora_only":
+    elif bias == "lora_only":
         # The bias of a targeted layer lives on its base layer: `<layer>.base_layer.bias`.
         for key in list(to_return):
             bias_key = key.split(prefix)[0] + "base_layer.bias"
@@ -202,6 +204,17 @@ def set_peft_model_state_dict(
     prefix = _tuner_prefix(config)
     module_paths = _modules_to_save_paths(model, adapter_name)
     model_state = model.state_dict()
+    prompt_embeddings = None
+    if config.is_prompt_learning:
+        peft_model_state_dict = dict(peft_model_state_dict)
+        prompt_embeddings = peft_model_state_dict.pop("prompt_embeddings", None)
+        expected = model.prompt_encoder[adapter_name].embedding.weight.shape
+        if prompt_embeddings is not None and prompt_embeddings.shape != expected:
+            raise ValueError(
+                f"The saved prompt_embeddings have shape {tuple(prompt_embeddings.shape)} but adapter "
+                f"{adapter_name!r} expects {tuple(expected)}; the adapter was saved for another model or config. "
+                "Nothing was loaded."
+            )
     mapped: dict[str, torch.Tensor] = {}
     for key, value in peft_model_state_dict.items():
         model_key = _to_model_key(key, adapter_name, prefix, module_paths)
@@ -235,6 +248,12 @@ def set_peft_model_state_dict(
     missing_adapter_keys = [key for key in result.missing_keys if key in adapter_keys]
     result.missing_keys.clear()
     result.missing_keys.extend(missing_adapter_keys)
+    if config.is_prompt_learning:
+        # The prompt lives in the PeftModel's prompt encoder, not in the model's state dict.
+        if prompt_embeddings is None:
+            result.missing_keys.append("prompt_embeddings")
+        else:
+            model.prompt_encoder[adapter_name].load_prompt_embeddings(prompt_embeddings)
     if mismatched:
         warnings.warn(
             "Skipped adapter weights of mismatched shape: "

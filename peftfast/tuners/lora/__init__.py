@@ -1,5 +1,8 @@
+from ...mapping import register_peft_method
 from .config import LoraConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel"]
+
+register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from torch import nn
+
 from ...config import PeftConfig
 from ...utils.peft_types import PeftType
 
@@ -121,6 +123,26 @@ class LoraConfig(PeftConfig):
             raise ValueError("layers_pattern only works when target_modules is a list of names, not a regex.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is only used together with layers_to_transform; set both.")
+        # Not a dataclass field: never written to adapter_config.json, so it is registered again before each load.
+        self._custom_modules: dict[type[nn.Module], type[nn.Module]] | None = None
+
+    def _register_custom_module(self, mapping: dict[type[nn.Module], type[nn.Module]]) -> None:
+        """Use the user's LoRA layer class `mapping[base_type]` for every target that is a `base_type` (HF PEFT's
+        experimental API). It takes precedence over peftfast's layers (so it can replace e.g. the nn.Linear one) and
+        is called as `layer_cls(target, adapter_name, config=config, r=..., lora_alpha=..., ...)`; subclass
+        `peftfast.tuners.lora.layer.LoraLayer` so that saving, loading and adapter management find its `lora_A` /
+        `lora_B` weights. Merging works where the class implements `merge`/`unmerge`."""
+        for base_type, layer_cls in mapping.items():
+            if not (isinstance(base_type, type) and issubclass(base_type, nn.Module)):
+                raise TypeError(f"_register_custom_module keys must be nn.Module classes, got {base_type!r}.")
+            if not (isinstance(layer_cls, type) and issubclass(layer_cls, nn.Module)):
+                raise TypeError(
+                    f"_register_custom_module maps {base_type.__name__} to {layer_cls!r}, which is not an nn.Module "
+                    "class; map it to your LoRA layer class."
+                )
+        if self._custom_modules is None:
+            self._custom_modules = {}
+        self._custom_modules.update(mapping)
 
     def to_dict(self) -> dict[str, Any]:
         result = super().to_dict()

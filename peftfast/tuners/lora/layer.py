@@ -17,13 +17,14 @@ from torch import nn
 from ... import ops
 from ...utils.mixed_batch import AdapterRowGroups
 from ..tuners_utils import BaseTunerLayer
+from .bank import LoraAdapterBank
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
-def _features(base_layer: nn.Module) -> tuple[int, int]:
+def _features(base_layer: nn.Module) -> tuple[int | None, int | None]:
     if isinstance(base_layer, nn.Linear):
         return base_layer.in_features, base_layer.out_features
     if isinstance(base_layer, nn.Embedding):
@@ -36,7 +37,9 @@ def _features(base_layer: nn.Module) -> tuple[int, int]:
         return in_features, out_features
     if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
         return base_layer.in_features, base_layer.out_features
-    raise TypeError(f"Can't read the input/output sizes of {type(base_layer).__name__}.")
+    # Another layer type (an LSTM, ...) has a user's LoRA layer (LoraConfig._register_custom_module), which knows
+    # its sizes itself.
+    return None, None
 
 
 class LoraLayer(BaseTunerLayer):
@@ -63,6 +66,10 @@ class LoraLayer(BaseTunerLayer):
         self.last_backend: str | None = None
         self.kwargs = kwargs
         self.in_features, self.out_features = _features(base_layer)
+
+    def _record_backend(self, op: str) -> None:
+        # Plain attribute write: nn.Module.__setattr__ costs microseconds on every forward.
+        self.__dict__["last_backend"] = ops.last_backend(op)
 
     def _check_rank(self, r: int) -> None:
         if not isinstance(r, int) or r <= 0:
@@ -250,13 +257,19 @@ class LoraLayer(BaseTunerLayer):
                 base_layer.bias.data -= self.lora_B[adapter].bias.to(base_layer.bias.dtype) * self.scaling[adapter]
 
     def _lora_weights(self, adapters: list[str]):
-        return (
-            [self.lora_A[name].weight for name in adapters],
-            [self.lora_B[name].weight for name in adapters],
-            [self.lora_B[name].bias for name in adapters],
-            [self.scaling[name] for name in adapters],
-            [getattr(self.lora_dropout[name], "p", 0.0) for name in adapters],
-        )
+        """(A weights, B weights, B biases, scalings, dropout rates) of `adapters`, as the ops take them."""
+        # One pass with the ModuleDicts bound once: this runs on every forward, where nn.Module attribute
+        # lookups are a visible share of small layers' time.
+        lora_A, lora_B, dropout, scaling = self.lora_A, self.lora_B, self.lora_dropout, self.scaling
+        weights_A, weights_B, biases_B, scalings, rates = [], [], [], [], []
+        for name in adapters:
+            B = lora_B[name]
+            weights_A.append(lora_A[name].weight)
+            weights_B.append(B.weight)
+            biases_B.append(B.bias)
+            scalings.append(scaling[name])
+            rates.append(getattr(dropout[name], "p", 0.0))
+        return weights_A, weights_B, biases_B, scalings, rates
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each row of the batch runs with its own adapter ("__base__", or an adapter this layer lacks: none)."""
@@ -348,6 +361,43 @@ class Linear(nn.Module, LoraLayer):
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         return ops.lora_add(result, x, *self._lora_weights([adapter]), training=self.training)
 
+    def adapter_bank(self) -> LoraAdapterBank:
+        """The packed weights of this layer's adapters for mixed-adapter batches (built on first use, not saved)."""
+        bank = self.__dict__.get("_adapter_bank")
+        if bank is None:
+            bank = self.__dict__["_adapter_bank"] = LoraAdapterBank()
+        return bank
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Each row runs with its own adapter, all of them in one `ops.lora_multi_adapter` call over the packed bank
+        (SGMV kernels on the triton backend); the token layout comes from the call's `AdapterRowGroups`."""
+        result = self.base_layer(x, *args, **kwargs)
+        groups = AdapterRowGroups.of(adapter_names)
+        used = [name for name in groups.groups if name in self.lora_A]
+        if not used or x.numel() == 0:
+            return result
+        bank = self.adapter_bank()
+        bank.refresh(self, used, ops.multi_adapter_bank_dtype(x))
+        x2d = x.reshape(-1, x.shape[-1])
+        y2d = result.reshape(-1, result.shape[-1])
+        layout = groups.token_layout(x2d.shape[0] // len(groups), x.device)
+        y2d = ops.lora_multi_adapter(
+            y2d,
+            x2d,
+            bank.lora_A,
+            bank.lora_B_t,
+            bank.lora_B_bias,
+            bank.scaling,
+            bank.slot_spans,
+            bank.group_slot(groups.names, x.device),
+            layout.token_order,
+            layout.tiles,
+            layout.block_m,
+            bank.r_max,
+        )
+        self.last_backend = ops.last_backend("lora_multi_adapter")
+        return y2d.reshape(result.shape)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
@@ -363,10 +413,10 @@ class Linear(nn.Module, LoraLayer):
         weights = self._lora_weights(active)
         if _is_plain_linear(self.base_layer) and not args and not kwargs:
             result = ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, *weights, training=self.training)
-            self.last_backend = ops.last_backend("lora_linear")
+            self._record_backend("lora_linear")
             return result
         result = ops.lora_add(self.base_layer(x, *args, **kwargs), x, *weights, training=self.training)
-        self.last_backend = ops.last_backend("lora_add")
+        self._record_backend("lora_add")
         return result
 
     def __repr__(self) -> str:
@@ -636,4 +686,18 @@ def dispatch_default(target: nn.Module, adapter_name: str, lora_config: Any, **k
             )
             kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = True
         return Linear(target, adapter_name, is_target_conv_1d_layer=True, **kwargs)
+    return None
+
+
+def dispatch_custom(target: nn.Module, adapter_name: str, lora_config: Any, **kwargs: Any) -> nn.Module | None:
+    """The user's LoRA layer registered for the target's base layer type with `LoraConfig._register_custom_module`
+    (first match in registration order, as in HF PEFT), or None. It is called as
+    `layer_cls(target, adapter_name, config=lora_config, **kwargs)`."""
+    custom_modules = getattr(lora_config, "_custom_modules", None)
+    if not custom_modules:
+        return None
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    for base_type, layer_cls in custom_modules.items():
+        if isinstance(base, base_type):
+            return layer_cls(target, adapter_name, config=lora_config, **kwargs)
     return None

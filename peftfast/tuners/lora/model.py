@@ -16,10 +16,11 @@ from torch import nn
 
 from ...utils import merge_utils
 from ...utils.mixed_batch import AdapterRowGroups
-from ...utils.other import ModulesToSaveWrapper, get_submodules
+from ...utils.other import ModulesToSaveWrapper
 from ..tuners_utils import BaseTuner, BaseTunerLayer
+from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 from .config import LoraConfig
-from .layer import LoraLayer, dispatch_default
+from .layer import LoraLayer, dispatch_custom, dispatch_default
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
@@ -85,13 +86,21 @@ class LoraModel(BaseTuner):
     def _create_new_module(
         config: LoraConfig, adapter_name: str, target: nn.Module, current_key: str, **kwargs: Any
     ) -> nn.Module:
-        new_module = dispatch_default(target, adapter_name, config, **kwargs)
+        # User-registered layer types go first, so they can also take over the types peftfast knows (HF PEFT's order).
+        new_module = dispatch_custom(target, adapter_name, config, **kwargs)
+        # bitsandbytes layers subclass nn.Linear: their dispatchers go before the default one.
+        for dispatcher in (dispatch_bnb_8bit, dispatch_bnb_4bit, dispatch_default):
+            if new_module is None:
+                new_module = dispatcher(target, adapter_name, config, **kwargs)
         if new_module is None:
             base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            type_name = f"{type(base).__module__}.{type(base).__name__}"
             raise ValueError(
-                f"Target module {current_key!r} is a {type(base).__module__}.{type(base).__name__}, which LoRA does "
-                "not support. Supported: torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, "
-                "transformers.pytorch_utils.Conv1D. Leave it out of target_modules."
+                f"Target module {current_key!r} is a {type_name}, which LoRA does not support. Supported: "
+                "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, transformers.pytorch_utils.Conv1D. "
+                "Leave it out of target_modules, or write a LoRA layer for it and register it with "
+                f"config._register_custom_module({{{type_name}: YourLoraLayer}}) (again before each load: the "
+                "mapping is not saved)."
             )
         return new_module
 
@@ -107,18 +116,8 @@ class LoraModel(BaseTuner):
         setattr(parent, child_name, new_module)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        # Adapter weights and modules_to_save copies are found by structure (not by "lora_" in the name) and keep
-        # their requires_grad, which set_adapter manages; everything else is frozen.
-        adapter_params: set[int] = set()
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                for holder in module._adapter_holders():
-                    adapter_params.update(id(param) for param in holder.parameters())
-            elif isinstance(module, ModulesToSaveWrapper):
-                adapter_params.update(id(param) for param in module.modules_to_save.parameters())
-        for param in model.parameters():
-            if id(param) not in adapter_params:
-                param.requires_grad_(False)
+        super()._mark_only_adapters_as_trainable(model)
+        # LoRA's `bias` option trains base-model biases too.
         for adapter_name in self.active_adapters:
             bias = self.peft_config[adapter_name].bias
             if bias == "none":
@@ -160,7 +159,8 @@ class LoraModel(BaseTuner):
         if isinstance(num_beams, int) and num_beams > 1:
             # Beam search repeats each input row num_beams times.
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        adapter_names = AdapterRowGroups(adapter_names)
+        # The number of adapters the model holds bounds the kernels' grid (a shape, not the batch's adapter mix).
+        adapter_names = AdapterRowGroups(adapter_names, num_adapters=len(self.peft_config))
         handles = []
         for module in self.model.modules():
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
@@ -171,43 +171,6 @@ class LoraModel(BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
-
-    def _unload_and_optionally_merge(
-        self, merge: bool = True, safe_merge: bool = False, adapter_names: list[str] | None = None
-    ) -> nn.Module:
-        if merge and safe_merge:
-            self._check_safe_merge(adapter_names)
-        keys = [key for key, _ in self.model.named_modules()]
-        for key in keys:
-            try:
-                parent, target, target_name = get_submodules(self.model, key)
-            except AttributeError:
-                continue
-            if isinstance(target, BaseTunerLayer):
-                if merge:
-                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                setattr(parent, target_name, target.get_base_layer())
-            elif isinstance(target, ModulesToSaveWrapper):
-                chosen = target.modules_to_save[target.active_adapters[0]] if target.active_adapters else None
-                setattr(parent, target_name, chosen if chosen is not None else target.original_module)
-        # No adapter is left in the model, so neither is its config (as HF PEFT: wrapping it again starts clean).
-        if "peft_config" in self.model.__dict__:
-            del self.model.peft_config
-        return self.model
-
-    def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
-    ) -> nn.Module:
-        """Merge the adapters (the active ones when `adapter_names` is None) into the base weights and return the
-        base model with no adapter modules left: LoRA layers become their base layers again, and a modules_to_save
-        wrapper becomes the active adapter's copy (the original module when none is active). Use the returned
-        model. With `safe_merge`, a NaN/inf in any merged weight raises before anything is changed."""
-        return self._unload_and_optionally_merge(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
-
-    def unload(self) -> nn.Module:
-        """Return the base model with every adapter module removed, merging nothing (adapters merged earlier stay
-        in the weights: unmerge first to get the original base model back)."""
-        return self._unload_and_optionally_merge(merge=False)
 
     def _check_add_weighted_adapter(
         self, adapters: list[str], weights: list[float], combination_type: str, svd_rank: int | None
