@@ -57,7 +57,8 @@ def get_backend() -> str:
         return context[-1]
     if _global_backend is not None:
         return _global_backend
-    return _validate(os.environ.get(ENV_VAR, "auto") or "auto")
+    from_env = os.environ.get(ENV_VAR)
+    return _validate(from_env) if from_env else "auto"
 
 
 @contextmanager
@@ -77,16 +78,13 @@ def available_backends(op: str) -> list[str]:
     return list(_IMPLEMENTATIONS.get(op, {}))
 
 
-def _on_gpu(args: tuple) -> bool:
-    return any(getattr(arg, "is_cuda", False) for arg in args)
-
-
 def resolve(op: str, *args: Any, **kwargs: Any) -> tuple[str, Callable[..., Any]]:
-    """The backend name and implementation that run `op` on these arguments."""
+    """The backend name and implementation that run `op` on these arguments (the first is the op's main input
+    tensor, whose device decides "auto")."""
     implementations = _IMPLEMENTATIONS[op]
     requested = get_backend()
     if requested == "auto":
-        if not _on_gpu(args):
+        if not args[0].is_cuda:
             return "torch", implementations["torch"][0]
         for name in ("cuda", "triton"):
             entry = implementations.get(name)
