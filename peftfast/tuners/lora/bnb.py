@@ -184,34 +184,20 @@ class Linear4bit(_QuantizedLinear):
             return False
         return not getattr(self._quant_state(), "packing_format_for_cpu", False)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        active = self._present_active_adapters()
-        if self.merged or not active:
-            return self.base_layer(x, *args, **kwargs)
-        weights = self._lora_weights(active)
-        if self._reads_weight_directly(args, kwargs):
-            base_layer = self.base_layer
-            result = ops.lora_linear_4bit(
-                x,
-                base_layer.weight,
-                self._quant_state(),
-                base_layer.bias,
-                self._compute_dtype(x),
-                *weights,
-                training=self.training,
-            )
-            self.last_backend = ops.last_backend("lora_linear_4bit")
-            return result
-        result = ops.lora_add(self.base_layer(x, *args, **kwargs), x, *weights, training=self.training)
-        self.last_backend = ops.last_backend("lora_add")
+    def _forward_with_adapters(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self._reads_weight_directly(args, kwargs):
+            return super()._forward_with_adapters(x, active, *args, **kwargs)
+        base_layer = self.base_layer
+        result = ops.lora_linear_4bit(
+            x,
+            base_layer.weight,
+            self._quant_state(),
+            base_layer.bias,
+            self._compute_dtype(x),
+            *self._lora_weights(active),
+            training=self.training,
+        )
+        self._record_backend("lora_linear_4bit")
         return result
 
 
@@ -238,24 +224,6 @@ class Linear8bitLt(_QuantizedLinear):
         base_layer.state.reset_grads()
         # The state's scales belong to the old weight; the new one carries its own.
         base_layer.state.SCB = None
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        active = self._present_active_adapters()
-        if self.merged or not active:
-            return self.base_layer(x, *args, **kwargs)
-        result = ops.lora_add(
-            self.base_layer(x, *args, **kwargs), x, *self._lora_weights(active), training=self.training
-        )
-        self.last_backend = ops.last_backend("lora_add")
-        return result
 
 
 def _base_of(target: nn.Module) -> nn.Module:

@@ -395,7 +395,7 @@ class Linear(nn.Module, LoraLayer):
             layout.block_m,
             bank.r_max,
         )
-        self.last_backend = ops.last_backend("lora_multi_adapter")
+        self._record_backend("lora_multi_adapter")
         return y2d.reshape(result.shape)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -410,6 +410,11 @@ class Linear(nn.Module, LoraLayer):
         active = self._present_active_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        return self._forward_with_adapters(x, active, *args, **kwargs)
+
+    def _forward_with_adapters(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus the `active` adapters' terms: fused with the base GEMM for a bare nn.Linear, added to
+        whatever the base layer returns otherwise. Quantized subclasses override this."""
         weights = self._lora_weights(active)
         if _is_plain_linear(self.base_layer) and not args and not kwargs:
             result = ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, *weights, training=self.training)
