@@ -333,6 +333,7 @@ def test_accelerate_transformers_model_with_peft_integration_adapters():
         assert_close(model(input_ids=inputs).logits, expected, kind="kernel")
 
 
+@pytest.mark.cpu_kernels
 def test_accelerate_runs_taken_over_layers_on_triton():
     # A pipeline-like object (diffusers keeps its models in `components`); Triton's interpreter runs the kernels.
     unet = peft.inject_adapter_in_model(

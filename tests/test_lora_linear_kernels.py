@@ -156,6 +156,7 @@ def test_torch_compile_traces_the_custom_op():
     assert_close(compiled(x), layer(x), kind="kernel")
 
 
+@pytest.mark.cpu_kernels
 def test_whole_llama_trains_the_same_on_both_backends():
     from models import tiny_llama
 

@@ -290,6 +290,7 @@ def _check_mixed(model, ids, names):
     return mixed
 
 
+@pytest.mark.cpu_kernels
 def test_whole_model_forward_matches_torch_backend_per_row_runs_and_peft(llama_dir):
     ids = _ids(5, 6)
     names = ["green", BASE, "blue", "red", "green"]
@@ -302,6 +303,7 @@ def test_whole_model_forward_matches_torch_backend_per_row_runs_and_peft(llama_d
     assert not any(torch.allclose(mixed[row], base[row], atol=1e-3) for row in (0, 2, 3))
 
 
+@pytest.mark.cpu_kernels
 def test_whole_model_greedy_generate_matches_torch_backend_and_per_row_runs(llama_dir):
     ids = _ids(4, 4, seed=11)
     names = ["blue", "red", BASE, "green"]
@@ -330,6 +332,7 @@ def _attention(model, projection: str) -> Linear:
     return getattr(model.base_model.model.model.layers[0].self_attn, projection)
 
 
+@pytest.mark.cpu_kernels
 def test_bank_follows_add_delete_load_and_optimizer_updates(llama_dir, tmp_path):
     ids = _ids(3, 3)
     model = _load(peftfast, llama_dir, names=("red", "blue"))

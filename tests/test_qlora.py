@@ -66,6 +66,7 @@ def test_same_outputs_as_hf_peft_both_ways(fmt, tmp_path):
         torch.testing.assert_close(loaded(input_ids=IDS).logits, hf(input_ids=IDS).logits, **tolerance)
 
 
+@pytest.mark.cpu_kernels
 def test_qlora_training_steps_agree_between_backends():
     compute_dtype = torch.bfloat16
     results = {}
