@@ -30,23 +30,14 @@ from pathlib import Path
 import torch
 
 from peftfast import ops
-from peftfast.bench import append_csv, environment, results_slug
+from peftfast.bench import ENVIRONMENT_COLUMNS, append_csv, environment, results_slug
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import qlora_finetune  # noqa: E402
 
 PROVIDERS = ("hf_peft", "peftfast", "peftfast_torch")
 TARGET_SPEEDUP = 1.3
-COLUMNS = (
-    "date",
-    "git_sha",
-    "git_dirty",
-    "gpu",
-    "torch",
-    "triton",
-    "peft",
-    "peftfast",
-    "cpu_threads",
+COLUMNS = ENVIRONMENT_COLUMNS + (
     "provider",
     "size",
     "seq_len",

@@ -35,19 +35,10 @@ import torch
 from torch import nn
 
 from peftfast import LoraConfig, get_peft_model, ops
-from peftfast.bench import append_csv, environment, results_slug, time_fn
+from peftfast.bench import ENVIRONMENT_COLUMNS, append_csv, environment, results_slug, time_fn
 from peftfast.utils.mixed_batch import AdapterRowGroups
 
-COLUMNS = (
-    "date",
-    "git_sha",
-    "git_dirty",
-    "gpu",
-    "torch",
-    "triton",
-    "peft",
-    "peftfast",
-    "cpu_threads",
+COLUMNS = ENVIRONMENT_COLUMNS + (
     "suite",
     "provider",
     "tokens",

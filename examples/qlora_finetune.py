@@ -28,6 +28,7 @@ from torch import nn
 
 import peftfast
 from peftfast import LoraConfig, ops
+from peftfast.cli import cpu_threads
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "tiny_corpus.txt"
 BYTE_VOCAB = 256
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> FinetuneResult:
         torch.cuda.reset_peak_memory_stats(device)
     data = batches(token_ids, args.batch_size, args.seq_len, args.seed)
     # The model is so small on CPU that handing work between threads costs more than the math.
-    threads = contextlib.nullcontext() if device.type == "cuda" else _cpu_threads(1)
+    threads = contextlib.nullcontext() if device.type == "cuda" else cpu_threads(1)
     with ops.use_backend(args.backend), threads:
         losses, rate = train(model, data, args.steps, args.lr, device, args.quiet)
     model.save_pretrained(args.output)
@@ -246,16 +247,6 @@ def run(args: argparse.Namespace) -> FinetuneResult:
             f"MB ({'GPU' if device.type == 'cuda' else 'process RSS'}); adapter saved to {args.output}"
         )
     return result
-
-
-@contextlib.contextmanager
-def _cpu_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
@@ -44,33 +44,6 @@ SHORT_NAMES = {"gemm": "gemm", "hf_peft": "hf", "peftfast_torch": "torch", "peft
 _LORA_PROVIDERS = ("hf_peft", "peftfast_torch", "peftfast_triton")
 _BACKEND_OF = {"peftfast_torch": "torch", "peftfast_triton": "triton"}
 
-CSV_COLUMNS = (
-    "date",
-    "git_sha",
-    "git_dirty",
-    "gpu",
-    "torch",
-    "triton",
-    "peft",
-    "peftfast",
-    "cpu_threads",
-    "op",
-    "provider",
-    "tokens",
-    "d_in",
-    "d_out",
-    "rank",
-    "dtype",
-    "adapter_dtype",
-    "dropout",
-    "mode",
-    "median_ms",
-    "p20_ms",
-    "p80_ms",
-    "tflops",
-    "gbps",
-    "peak_mem_mb",
-)
 
 # The grids: (d_in, d_out) shapes of Llama-like projections on GPU, small ones that finish in seconds on CPU.
 GPU_GRID = {
@@ -162,6 +135,28 @@ class Environment:
     peft: str
     peftfast: str
     cpu_threads: str
+
+
+# The leading columns of every results CSV.
+ENVIRONMENT_COLUMNS = tuple(column.name for column in fields(Environment))
+CSV_COLUMNS = ENVIRONMENT_COLUMNS + (
+    "op",
+    "provider",
+    "tokens",
+    "d_in",
+    "d_out",
+    "rank",
+    "dtype",
+    "adapter_dtype",
+    "dropout",
+    "mode",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "tflops",
+    "gbps",
+    "peak_mem_mb",
+)
 
 
 def _git(*args: str) -> str | None:
