@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from .tuners.tuners_utils import (
     get_layer_status,
     get_model_status,
 )
+from .utils.cache import CACHE_ARGUMENT_NAMES, cache_argument, cache_key, get_cache
 from .utils.constants import SAFETENSORS_WEIGHTS_NAME, SEQ_CLS_HEAD_NAMES, TOKEN_CLS_HEAD_NAMES, WEIGHTS_NAME
 from .utils.other import ModulesToSaveWrapper, set_trainable_modules
 from .utils.peft_types import TaskType
@@ -324,12 +324,7 @@ class PeftModel(nn.Module):
         if labels is not None:
             kwargs["labels"] = labels
         if encoder.kv_prefix:
-            if "past_key_values" not in inspect.signature(self.base_model.forward).parameters:
-                raise ValueError(
-                    f"{type(self.base_model).__name__}.forward takes no past_key_values, which prefix tuning feeds its "
-                    "prefix through; use prompt tuning or P-tuning for this model."
-                )
-            kwargs["past_key_values"] = self.get_prompt(batch_size)
+            kwargs[self._prefix_cache_argument(kwargs)] = self.get_prompt(batch_size)
             return self.base_model(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
             )
@@ -343,6 +338,21 @@ class PeftModel(nn.Module):
         prompts = self.get_prompt(batch_size).to(inputs_embeds.dtype)
         inputs_embeds = torch.cat((prompts, inputs_embeds), dim=1)
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def _prefix_cache_argument(self, kwargs: dict[str, Any]) -> str:
+        """The keyword the base model takes the prefix cache by (`cache`, or `past_key_values` before transformers
+        5.24), after dropping a cache the caller passed under either spelling: the prefix replaces it, as in HF
+        PEFT."""
+        name = cache_argument(self.base_model)
+        if name is None:
+            raise ValueError(
+                f"{type(self.base_model).__name__}.forward takes no key/value cache (neither `cache` nor "
+                "`past_key_values`), which prefix tuning feeds its prefix through; use prompt tuning or P-tuning for "
+                "this model."
+            )
+        for spelling in CACHE_ARGUMENT_NAMES:
+            kwargs.pop(spelling, None)
+        return name
 
     def _prompt_learning_generate(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(
@@ -827,7 +837,7 @@ class PeftModelForCausalLM(PeftModel):
         model_kwargs = original(*args, **kwargs)
         cache_position = model_kwargs.get("cache_position")
         is_prefill = cache_position is not None and int(cache_position[0]) == 0
-        cache = model_kwargs.get("past_key_values")
+        cache = get_cache(model_kwargs)
         input_ids = model_kwargs.get("input_ids")
         # The cache holds the virtual tokens too, so it may be longer than input_ids: only the new token is fed.
         if cache is not None and input_ids is not None and cache.get_seq_length() >= input_ids.shape[1]:
@@ -851,7 +861,7 @@ class PeftModelForCausalLM(PeftModel):
         self._prompt_learning_kwargs(model_kwargs, drop_token_type_ids=True, warn=False)
         needs_prompt = cache is None or cache.get_seq_length() == 0
         if needs_prompt and kv_prefix:
-            model_kwargs["past_key_values"] = self.get_prompt(batch_size=input_ids.shape[0])
+            model_kwargs[cache_key(model_kwargs, self.base_model)] = self.get_prompt(batch_size=input_ids.shape[0])
         elif needs_prompt:
             inputs_embeds = self.word_embeddings(input_ids)
             prompts = self.get_prompt(batch_size=input_ids.shape[0]).to(inputs_embeds.dtype)
@@ -895,7 +905,7 @@ class PeftModelForSeq2SeqLM(PeftModel):
             if decoder_attention_mask is not None:
                 ones = decoder_attention_mask.new_ones(batch_size, virtual)
                 decoder_attention_mask = torch.cat((ones, decoder_attention_mask), dim=1)
-            kwargs["past_key_values"] = self.get_prompt(batch_size)
+            kwargs[self._prefix_cache_argument(kwargs)] = self.get_prompt(batch_size)
             return self.base_model(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds,
@@ -942,12 +952,13 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
     def _prepare_inputs_for_generation(self, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         model_kwargs = original(*args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = get_cache(model_kwargs)
         is_first = kwargs.get("is_first_iteration")
         if is_first is None:
             is_first = cache is None or cache.get_seq_length() == 0
         if is_first:
-            model_kwargs["past_key_values"] = self.get_prompt(model_kwargs["decoder_input_ids"].shape[0])
+            key = cache_key(model_kwargs, self.base_model)
+            model_kwargs[key] = self.get_prompt(model_kwargs["decoder_input_ids"].shape[0])
         return model_kwargs
 
 

@@ -62,6 +62,53 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
 
+CACHE_SPELLINGS = ("cache", "past_key_values")
+
+
+def _llama_with_other_cache_spelling():
+    """A LlamaForCausalLM whose forward takes its key/value cache by the spelling the installed transformers does
+    *not* use (`past_key_values` before 5.24, `cache` since), and whose `prepare_inputs_for_generation` returns it
+    under that name: with the real Llama beside it, one run covers both spellings. Passing it the installed
+    spelling raises, as an unknown keyword does."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    signature = inspect.signature(LlamaForCausalLM.forward)
+    own = next(name for name in CACHE_SPELLINGS if name in signature.parameters)
+    other = next(name for name in CACHE_SPELLINGS if name != own)
+
+    class LlamaWithOtherCacheSpelling(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            if own in kwargs:
+                raise TypeError(f"forward() got an unexpected keyword argument {own!r}")
+            if other in kwargs:
+                kwargs[own] = kwargs.pop(other)
+            return super().forward(*args, **kwargs)
+
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            if other in kwargs:
+                kwargs[own] = kwargs.pop(other)
+            inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+            if own in inputs:
+                inputs[other] = inputs.pop(own)
+            return inputs
+
+    parameters = [p.replace(name=other) if p.name == own else p for p in signature.parameters.values()]
+    LlamaWithOtherCacheSpelling.forward.__signature__ = signature.replace(parameters=parameters)
+    return LlamaWithOtherCacheSpelling, other
+
+
+def tiny_llama_other_cache_spelling(seed: int = 0, **overrides):
+    """`tiny_llama(seed)`'s weights in a model taking its cache by the other spelling (see above); returns the model
+    and that spelling."""
+    model_class, spelling = _llama_with_other_cache_spelling()
+    reference = tiny_llama(seed, **overrides)
+    model = model_class(reference.config).eval()
+    model.load_state_dict(reference.state_dict())
+    return model, spelling
+
+
 def tiny_gpt2(seed: int = 0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

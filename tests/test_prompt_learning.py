@@ -9,11 +9,12 @@ from typing import Any
 import peft
 import pytest
 import torch
-from models import tiny_llama, tiny_llama_classifier
+from models import tiny_llama, tiny_llama_classifier, tiny_llama_other_cache_spelling
 from safetensors.torch import load_file
 from tolerances import assert_close
 
 import peftfast
+from peftfast.utils.cache import cache_argument
 
 LIBS = {"peft": peft, "peftfast": peftfast}
 DIRECTIONS = {"p2f": ("peft", "peftfast"), "f2p": ("peftfast", "peft")}
@@ -73,6 +74,36 @@ def test_causal_lm_forward_and_generate_match_peft(method):
     # Logits of the input positions only: a prompt that changed nothing would make the comparisons above moot.
     assert not torch.allclose(actual.logits[:, -base.shape[1] :], base, atol=1e-3)
     assert torch.equal(_generate(fast_model, inputs), _generate(peft_model, inputs))
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prefix_tuning_projection", "prompt_tuning", "p_tuning_mlp"])
+def test_both_cache_spellings_forward_train_and_generate_alike(method):
+    """transformers 5.24 renamed the decoders' cache argument `past_key_values` to `cache`. A model taking the other
+    spelling than the installed transformers' must give the same logits, training steps and generations as the real
+    Llama with the same weights (whose prompt-learning outputs match HF PEFT's above)."""
+    other_base, spelling = tiny_llama_other_cache_spelling()
+    assert cache_argument(other_base) == spelling != cache_argument(tiny_llama())
+    torch.manual_seed(7)
+    model = peftfast.get_peft_model(tiny_llama(), _config("peftfast", method))
+    other = peftfast.get_peft_model(other_base, _config("peftfast", method))
+    other.load_state_dict(model.state_dict())
+    inputs = _inputs()
+    with torch.no_grad():
+        assert_close(other(**inputs).logits, model(**inputs).logits)
+    assert torch.equal(_generate(other, inputs), _generate(model, inputs))
+    losses = {}
+    for name, peft_model in (("real", model), ("other", other)):
+        peft_model.train()
+        optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+        losses[name] = []
+        for _ in range(3):
+            loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["real"][-1] < losses["real"][0]
+    assert_close(torch.tensor(losses["other"]), torch.tensor(losses["real"]))
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning_mlp"])
