@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -32,10 +34,9 @@ from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, s
 from .version import __version__
 
 _MODEL_CARD = """---
-library_name: peft
+{base_model}library_name: peft
 tags:
-- {method}
-- peftfast
+{tags}
 ---
 
 # Adapter
@@ -544,8 +545,7 @@ class PeftModel(nn.Module):
         if is_main_process:
             os.makedirs(save_directory, exist_ok=True)
             with open(os.path.join(save_directory, "README.md"), "w") as handle:
-                peft_type = str(getattr(self.peft_type, "value", self.peft_type))
-                handle.write(_MODEL_CARD.format(method=peft_type.lower(), peft_type=peft_type, version=__version__))
+                handle.write(self._model_card(selected_adapters))
         for adapter_name in selected_adapters:
             config = self.peft_config[adapter_name]
             state_dict = get_peft_model_state_dict(
@@ -572,6 +572,25 @@ class PeftModel(nn.Module):
                 saved_config.base_model_name_or_path = getattr(base_config, "name_or_path", None) or None
             saved_config.inference_mode = True
             saved_config.save_pretrained(output_dir, auto_mapping_dict=self._auto_mapping(config))
+
+    def _model_card(self, adapter_names: list[str]) -> str:
+        """The README.md `save_pretrained` writes: HF PEFT's front matter (`library_name: peft`, `base_model`, from
+        which the Hub builds its model tree, when the base model's name is known, and its tags), then a short text."""
+        peft_type = str(getattr(self.peft_type, "value", self.peft_type))
+        names = [self.peft_config[name].base_model_name_or_path for name in adapter_names]
+        base_config = getattr(self.get_base_model(), "config", None)
+        names.append(getattr(base_config, "name_or_path", None))
+        base_model = next((name for name in names if name), None)
+        tags = ([f"base_model:adapter:{base_model}"] if base_model else []) + [peft_type.lower()]
+        if base_config is not None and type(base_config).__module__.startswith("transformers"):
+            tags.append("transformers")
+        tags.append("peftfast")
+        return _MODEL_CARD.format(
+            base_model=f"base_model: {_yaml_string(base_model)}\n" if base_model else "",
+            tags="\n".join(f"- {_yaml_string(tag)}" for tag in tags),
+            peft_type=peft_type,
+            version=__version__,
+        )
 
     def _auto_mapping(self, config: PeftConfig) -> dict[str, str] | None:
         # As HF PEFT: without a task type the base model's class is recorded, whatever library it comes from.
@@ -705,6 +724,12 @@ class PeftModel(nn.Module):
                 for name in names:
                     if name in module.modules_to_save:
                         module.modules_to_save[name].requires_grad_(requires_grad)
+
+
+def _yaml_string(text: str) -> str:
+    """`text` as a YAML scalar: bare when it is a plain name (`org/model-1.5`), else JSON-quoted (JSON strings are
+    YAML)."""
+    return text if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:-]*", text) else json.dumps(text)
 
 
 def _check_prompt_learning_not_trainable(config: PeftConfig, is_trainable: bool) -> None:
