@@ -45,6 +45,7 @@ from .utils import (
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
+from .utils.quiet import silence_bitsandbytes_kernel_probe
 from .version import __version__
 
 __all__ = [
@@ -95,3 +96,7 @@ __all__ = [
 
 # transformers' Trainer recognises PEFT models by HF PEFT's classes: teach it peftfast's, now or once it is imported.
 _integrations_transformers.patch_trainer_if_imported()
+
+# Before anything imports bitsandbytes (HF peft, transformers' quantizers, our 4-bit layers): `import peftfast` itself
+# never does.
+silence_bitsandbytes_kernel_probe()

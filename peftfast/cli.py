@@ -23,6 +23,13 @@ from . import bench
 from .version import __version__
 
 _REPORTED_PACKAGES = ("torch", "triton", "transformers", "bitsandbytes", "safetensors")
+# Reported from their installed metadata without importing them: bitsandbytes is imported only where a 4-bit or 8-bit
+# layer is involved (its import probes hardware and the HF hub for optional kernels, which `info` has no use for).
+_NOT_IMPORTED = ("bitsandbytes",)
+_KERNELS_HINT = (
+    "for the Triton kernels on a GPU, install a CUDA build of torch (it brings the triton it was built with) or "
+    "`pip install peftfast[kernels]`"
+)
 
 # The demo's model and task: small enough for a few seconds on 2 CPU cores, big enough to look like a real decoder.
 _VOCAB = 64
@@ -38,6 +45,11 @@ _RELOAD_TOLERANCE = 1e-4
 
 def package_version(name: str) -> str:
     """The installed version of package `name`, "not installed", or why it is installed but unusable."""
+    if name in _NOT_IMPORTED:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as error:
@@ -63,7 +75,7 @@ def device_description() -> str:
 def triton_status() -> str:
     version = package_version("triton")
     if version == "not installed" or version.startswith("import fails"):
-        return f"not available (triton: {version})"
+        return f"not available (triton: {version}); {_KERNELS_HINT}"
     if torch.cuda.is_available():
         return "available"
     if os.environ.get("TRITON_INTERPRET") == "1":
