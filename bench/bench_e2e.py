@@ -14,7 +14,7 @@ more memory (1B model, seq 2048, r=16, H100).
     python bench/bench_e2e.py                          # 1b, seq 2048, batch 4
     python bench/bench_e2e.py --size small --seq-len 512 --steps 5
 
-Rows are appended to bench/results/e2e-<gpu>.csv with the GPU name, versions and git commit.
+Rows are appended to <output-dir>/e2e-<gpu>.csv with the GPU name, versions and git commit.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from peftfast import ops
-from peftfast.bench import ENVIRONMENT_COLUMNS, append_csv, environment, results_slug
+from peftfast.bench import ENVIRONMENT_COLUMNS, add_output_dir_argument, append_csv, environment, results_slug
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import qlora_finetune  # noqa: E402
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--data", default=str(qlora_finetune.DEFAULT_DATA))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_output_dir_argument(parser)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_e2e.py measures tokens/s and GPU memory of a QLoRA training step: it needs a CUDA GPU, none here.")

@@ -20,7 +20,7 @@ the same batch on one adapter, and the base model.
     python bench/bench_multi_adapter.py --quick         # a smoke run
     python bench/bench_multi_adapter.py --suite model --layers 8
 
-Results are appended to bench/results/multi_adapter-<gpu>.csv with the GPU name, versions and git commit.
+Results are appended to <output-dir>/multi_adapter-<gpu>.csv with the GPU name, versions and git commit.
 """
 
 from __future__ import annotations
@@ -29,13 +29,19 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from peftfast import LoraConfig, get_peft_model, ops
-from peftfast.bench import ENVIRONMENT_COLUMNS, append_csv, environment, results_slug, time_fn
+from peftfast.bench import (
+    ENVIRONMENT_COLUMNS,
+    add_output_dir_argument,
+    append_csv,
+    environment,
+    results_slug,
+    time_fn,
+)
 from peftfast.utils.mixed_batch import AdapterRowGroups
 
 COLUMNS = ENVIRONMENT_COLUMNS + (
@@ -231,7 +237,7 @@ def main() -> int:
         "--max-torch-loop-tokens", type=int, default=64, help="skip the slow torch loop above this batch"
     )
     parser.add_argument("--quick", action="store_true", help="tokens 32, adapters 1/4/32, r=16, 2 model layers")
-    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_output_dir_argument(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(

@@ -10,7 +10,7 @@ inputs:
 Training (forward + backward, M = 4096): hf_peft, peftfast_torch, peftfast_triton.
 
 Timing is `peftfast.bench.time_fn` (triton.testing.do_bench: median and 20/80th percentiles, L2 flushed). GB/s counts
-the 4-bit weight and its absmax read once. Rows are appended to bench/results/nf4_<gpu>.csv.
+the 4-bit weight and its absmax read once. Rows are appended to <output-dir>/nf4_<gpu>.csv.
 
 Usage: python bench/bench_nf4.py [--quick]. Needs a CUDA GPU and bitsandbytes; exits with a message otherwise.
 """
@@ -21,11 +21,12 @@ import argparse
 import functools
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from peftfast.bench import add_output_dir_argument
 
 COLUMNS = (
     "date",
@@ -117,7 +118,7 @@ def _train_step(model: nn.Module, backend: str, x: torch.Tensor, grad_y: torch.T
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one shape, M in {1, 16}, no training case")
-    parser.add_argument("--output-dir", type=Path, default=Path("bench/results"))
+    add_output_dir_argument(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_nf4.py needs a CUDA GPU (none found); nothing was measured.", file=sys.stderr)

@@ -18,6 +18,7 @@ import math
 import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", help="keep activations"
     )
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="peftfast ops backend")
-    parser.add_argument("--output", default="qlora-adapter", help="where to save the adapter")
+    parser.add_argument(
+        "--output", default=None, help="where to save the adapter (default: a new temporary folder, printed at the end)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -239,12 +242,14 @@ def run(args: argparse.Namespace) -> FinetuneResult:
     threads = contextlib.nullcontext() if device.type == "cuda" else cpu_threads(1)
     with ops.use_backend(args.backend), threads:
         losses, rate = train(model, data, args.steps, args.lr, device, args.quiet)
-    model.save_pretrained(args.output)
-    result = FinetuneResult(losses, rate, peak_memory_mb(device), args.output, args.four_bit)
+    # Not the current folder by default: a run from a checkout must leave the working tree as it was.
+    output_dir = args.output if args.output is not None else tempfile.mkdtemp(prefix="qlora-adapter-")
+    model.save_pretrained(output_dir)
+    result = FinetuneResult(losses, rate, peak_memory_mb(device), output_dir, args.four_bit)
     if not args.quiet:
         print(
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; {rate:,.0f} tokens/s; peak memory {result.peak_memory_mb:,.0f} "
-            f"MB ({'GPU' if device.type == 'cuda' else 'process RSS'}); adapter saved to {args.output}"
+            f"MB ({'GPU' if device.type == 'cuda' else 'process RSS'}); adapter saved to {output_dir}"
         )
     return result
 

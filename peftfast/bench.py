@@ -19,6 +19,7 @@ import argparse
 import csv
 import functools
 import importlib.metadata
+import os
 import re
 import statistics
 import subprocess
@@ -56,6 +57,21 @@ GPU_QUICK_GRID = {"shapes": [(4096, 4096)], "tokens": [2048], "ranks": [16], "dr
 CPU_GRID = {"shapes": [(256, 256), (256, 512)], "tokens": [64, 256], "ranks": [8, 16], "dropouts": [0.0]}
 CPU_QUICK_GRID = {"shapes": [(256, 256), (256, 512)], "tokens": [64], "ranks": [8], "dropouts": [0.0]}
 CPU_PROVIDERS = ("gemm", "hf_peft", "peftfast_torch")
+
+
+OUTPUT_DIR_ENV = "PEFTFAST_BENCH_DIR"
+
+
+def default_output_dir() -> Path:
+    """Where a benchmark writes unless told otherwise (`--output-dir`): $PEFTFAST_BENCH_DIR, else
+    `$XDG_CACHE_HOME/peftfast/bench` (`~/.cache/peftfast/bench`). Outside any checkout, so a run never rewrites the
+    committed reference results in bench/results/ nor leaves the working tree modified; add a run to those on purpose
+    with `--output-dir bench/results`."""
+    named = os.environ.get(OUTPUT_DIR_ENV)
+    if named:
+        return Path(named)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "peftfast" / "bench"
 
 
 # --------------------------------------------------------------------------------------------------------- timing
@@ -593,15 +609,21 @@ def _shape(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_output_dir: Path = Path("bench/results")) -> None:
-    """The options of `peftfast bench` and of bench/bench_lora_linear.py."""
-    parser.add_argument("--quick", action="store_true", help="a few cases only, for a smoke test")
+def add_output_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """`--output-dir`, the same for every benchmark (see `default_output_dir`)."""
     parser.add_argument(
         "--output-dir",
         type=Path,
-        default=default_output_dir,
-        help=f"where the CSV rows are appended and the plot written (default: {default_output_dir})",
+        default=default_output_dir(),
+        help=f"where the CSV rows are appended and plots written (default: ${OUTPUT_DIR_ENV}, else "
+        f"{default_output_dir()}; bench/results/ holds the committed reference runs)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `peftfast bench` and of bench/bench_lora_linear.py."""
+    parser.add_argument("--quick", action="store_true", help="a few cases only, for a smoke test")
+    add_output_dir_argument(parser)
     parser.add_argument("--no-plot", action="store_true", help="don't write the SVG plot")
     parser.add_argument("--shapes", nargs="+", type=_shape, metavar="D_INxD_OUT", help="replace the grid's shapes")
     parser.add_argument("--tokens", nargs="+", type=int, metavar="T", help="replace the grid's token counts")
