@@ -12,6 +12,7 @@ from typing import Any
 
 from .utils.constants import CONFIG_NAME
 from .utils.peft_types import PeftType, TaskType
+from .utils.save_and_load import path_inside
 from .version import __version__
 
 
@@ -64,15 +65,17 @@ class PeftConfigMixin:
         return asdict(self)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write `adapter_config.json` into `save_directory` (created if needed)."""
+        """Write `adapter_config.json` into `save_directory` (created if needed); refused if a symlink would take
+        the write outside the folder."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained needs a directory, but {save_directory} is a file.")
-        os.makedirs(save_directory, exist_ok=True)
+        config_file = path_inside(save_directory, CONFIG_NAME)
         output = _json_ready(self.to_dict())
         auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping_dict is not None:
             output["auto_mapping"] = auto_mapping_dict
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as handle:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(config_file, "w") as handle:
             handle.write(json.dumps(output, indent=2, sort_keys=True))
 
     @classmethod
@@ -97,9 +100,15 @@ class PeftConfigMixin:
     def from_json_file(cls, path_json_file: str | os.PathLike) -> dict[str, Any]:
         try:
             with open(path_json_file) as handle:
-                return json.load(handle)
-        except json.JSONDecodeError as error:
+                loaded = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path_json_file} is not valid JSON: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"{path_json_file} holds a JSON {type(loaded).__name__}, not an object of config fields "
+                '({"peft_type": "LORA", "r": 8, ...}); it is not an adapter config.'
+            )
+        return loaded
 
     @classmethod
     def from_pretrained(

@@ -27,10 +27,24 @@ from .tuners.tuners_utils import (
     get_model_status,
 )
 from .utils.cache import CACHE_ARGUMENT_NAMES, cache_argument, cache_key, get_cache
-from .utils.constants import SAFETENSORS_WEIGHTS_NAME, SEQ_CLS_HEAD_NAMES, TOKEN_CLS_HEAD_NAMES, WEIGHTS_NAME
+from .utils.constants import (
+    CONFIG_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    SEQ_CLS_HEAD_NAMES,
+    TOKEN_CLS_HEAD_NAMES,
+    WEIGHTS_NAME,
+)
+from .utils.names import adapter_name_list, check_adapter_name
 from .utils.other import ModulesToSaveWrapper, set_trainable_modules
 from .utils.peft_types import TaskType
-from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .utils.rollback import ModuleTreeRollback
+from .utils.save_and_load import (
+    _apply_adapter_load,
+    _plan_adapter_load,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    path_inside,
+)
 from .version import __version__
 
 _MODEL_CARD = """---
@@ -452,6 +466,7 @@ class PeftModel(nn.Module):
         """Add a new adapter, inactive and frozen (activate it with `set_adapter`); the trainability of everything
         already in the model stays as it was. `low_cpu_mem_usage` leaves its weights on the meta device, to be
         loaded into; `autocast_adapter_dtype` keeps them in fp32 on an fp16/bf16 base."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name or delete it first.")
         model_type = getattr(self.peft_type, "value", self.peft_type)
@@ -462,13 +477,12 @@ class PeftModel(nn.Module):
                 "adapters of one method (as in HF PEFT), so e.g. a prompt-learning method and LoRA can't be mixed."
             )
         if self._is_prompt_learning:
+            rollback = ModuleTreeRollback(self)
             self.peft_config[adapter_name] = peft_config
             try:
                 self._setup_prompt_encoder(adapter_name)
             except Exception:
-                del self.peft_config[adapter_name]
-                self.prompt_encoder.pop(adapter_name, None)
-                self.prompt_tokens.pop(adapter_name, None)
+                rollback.restore()
                 raise
             return
         self.peft_config[adapter_name] = peft_config
@@ -487,7 +501,7 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate an adapter (or, beyond HF PEFT's PeftModel, a list of adapters whose deltas add up). Active
         adapters become trainable unless `inference_mode`; the others are frozen."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = adapter_name_list(adapter_name, "adapter_name")
         for name in names:
             self._check_adapter_name(name)
         if self._is_prompt_learning:
@@ -532,46 +546,62 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write each adapter as HF PEFT does: `adapter_config.json` + `adapter_model.safetensors`, the default
-        adapter in `save_directory` and any other in `save_directory/<name>`."""
+        adapter in `save_directory` and any other in `save_directory/<name>`, and a README.md model card.
+
+        Every path is checked before anything is written: each must resolve (symlinks followed) inside
+        `save_directory`, so nothing is ever written outside it; a path that would leave it raises a ValueError and
+        leaves the folder as it was."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained needs a directory, but {save_directory} is a file.")
         if selected_adapters is None:
             selected_adapters = list(self.peft_config)
+        selected_adapters = adapter_name_list(selected_adapters, "selected_adapters")
         unknown = [name for name in selected_adapters if name not in self.peft_config]
         if unknown:
             raise ValueError(
                 f"selected_adapters {unknown} are not adapters of this model; available: {list(self.peft_config)}."
             )
-        if is_main_process:
-            os.makedirs(save_directory, exist_ok=True)
-            with open(os.path.join(save_directory, "README.md"), "w") as handle:
-                handle.write(self._model_card(selected_adapters))
         for adapter_name in selected_adapters:
-            config = self.peft_config[adapter_name]
+            # A name becomes a folder name: checked again here, whatever way it got into peft_config.
+            check_adapter_name(adapter_name, "adapter name")
+        weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+        card_path = path_inside(save_directory, "README.md")
+        outputs = []
+        for adapter_name in selected_adapters:
+            folder = path_inside(save_directory, adapter_name if adapter_name != "default" else ".")
+            for file_name in (weights_name, CONFIG_NAME):
+                path_inside(folder, file_name)
             state_dict = get_peft_model_state_dict(
                 self,
                 state_dict=kwargs.get("state_dict"),
                 adapter_name=adapter_name,
                 save_embedding_layers=save_embedding_layers,
             )
-            output_dir = os.path.join(save_directory, adapter_name) if adapter_name != "default" else save_directory
-            if not is_main_process:
-                continue
-            os.makedirs(output_dir, exist_ok=True)
+            outputs.append((adapter_name, folder, state_dict))
+        card = self._model_card(selected_adapters)
+        if not is_main_process:
+            return
+        os.makedirs(os.path.dirname(card_path), exist_ok=True)
+        with open(card_path, "w") as handle:
+            handle.write(card)
+        for adapter_name, folder, state_dict in outputs:
+            config = self.peft_config[adapter_name]
+            os.makedirs(folder, exist_ok=True)
             # safetensors refuses tensors that share memory (tied weights): store independent copies.
             state_dict = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+            weights_path = path_inside(folder, weights_name)
             if safe_serialization:
                 from safetensors.torch import save_file
 
-                save_file(state_dict, os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+                save_file(state_dict, weights_path, metadata={"format": "pt"})
             else:
-                torch.save(state_dict, os.path.join(output_dir, WEIGHTS_NAME))
+                torch.save(state_dict, weights_path)
             saved_config = copy.deepcopy(config)
             if saved_config.base_model_name_or_path is None:
                 base_config = getattr(self.get_base_model(), "config", None)
                 saved_config.base_model_name_or_path = getattr(base_config, "name_or_path", None) or None
             saved_config.inference_mode = True
-            saved_config.save_pretrained(output_dir, auto_mapping_dict=self._auto_mapping(config))
+            saved_config.save_pretrained(folder, auto_mapping_dict=self._auto_mapping(config))
 
     def _model_card(self, adapter_names: list[str]) -> str:
         """The README.md `save_pretrained` writes: HF PEFT's front matter (`library_name: peft`, `base_model`, from
@@ -611,7 +641,10 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> PeftModel:
-        """Load an adapter folder saved by HF PEFT or peftfast onto `model`. Frozen unless `is_trainable`."""
+        """Load an adapter folder saved by HF PEFT or peftfast onto `model`. Frozen unless `is_trainable`. If
+        loading fails (a bad config or file, a shape mismatch, missing weights), `model` is left as it was: module
+        tree, every `requires_grad` flag and train/eval mode."""
+        check_adapter_name(adapter_name)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         elif not isinstance(config, PeftConfig):
@@ -623,20 +656,18 @@ class PeftModel(nn.Module):
         if cls is PeftModel and task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task_type]
         weights = load_peft_weights(model_id, subfolder=kwargs.get("subfolder"))
-        peft_model = cls(
-            model,
-            config,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-        )
+        rollback = ModuleTreeRollback(model)
         try:
+            peft_model = cls(
+                model,
+                config,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
             peft_model._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
         except Exception:
-            # Not unload(): that would leave modules_to_save copies (holding the file's weights) in the model.
-            _remove_adapter_modules(model, keep=set())
-            if not peft_model._is_prompt_learning:
-                peft_model.base_model.unload()
+            rollback.restore()
             raise
         # Weights assigned from the file (low_cpu_mem_usage) carry the file's dtype: apply the dtype policy again.
         peft_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
@@ -653,18 +684,21 @@ class PeftModel(nn.Module):
         device = next((p.device for p in self.get_base_model().parameters() if p.device.type != "meta"), None)
         if device is not None:
             weights = {k: v.to(device) for k, v in weights.items()}
-        result = set_peft_model_state_dict(
-            self, weights, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
-        )
-        if result.missing_keys:
+        # Everything is checked before the first tensor is written, so an adapter that exists already is either
+        # replaced whole or left as it was.
+        plan = _plan_adapter_load(self, weights, adapter_name, ignore_mismatched_sizes=False)
+        if plan.missing_keys:
             raise ValueError(
                 f"The adapter in {os.fspath(model_id)!r} lacks weights the config asks for, e.g. "
-                f"{result.missing_keys[:4]}; the config and the weights file don't belong together."
+                f"{plan.missing_keys[:4]}; the config and the weights file don't belong together. Nothing was loaded."
             )
+        result = _apply_adapter_load(self, plan, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         if not is_trainable:
-            for name, param in self.named_parameters():
-                if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
-                    param.requires_grad_(False)
+            # An adapter's weights are the entries under its name in the per-adapter dicts of its layers, wrappers
+            # and prompt encoders; found by structure, because a module may share the adapter's name ("lin0").
+            for module in self.modules():
+                if isinstance(module, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in module:
+                    module[adapter_name].requires_grad_(False)
             self.eval()
         return result
 
@@ -680,7 +714,8 @@ class PeftModel(nn.Module):
     ) -> Any:
         """Load another adapter folder under `adapter_name` (left inactive; use `set_adapter`). Under the name of an
         existing adapter, as in HF PEFT, the folder's weights replace that adapter's (this is how transformers'
-        Trainer resumes from a checkpoint)."""
+        Trainer resumes from a checkpoint). A load that fails leaves the model as it was."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             weights = load_peft_weights(model_id, device=torch_device, subfolder=kwargs.get("subfolder"))
             return self._load_weights(weights, adapter_name, is_trainable, False, model_id)
@@ -688,17 +723,13 @@ class PeftModel(nn.Module):
         _check_prompt_learning_not_trainable(config, is_trainable)
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, device=torch_device, subfolder=kwargs.get("subfolder"))
-        base = self.get_base_model()
-        had_adapter_modules = {name for name, module in base.named_modules() if _is_adapter_module(module)}
-        targeted_module_names = list(self.targeted_module_names)
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        rollback = ModuleTreeRollback(self)
         try:
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
             result = self._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
         except Exception:
-            # Leave the model as it was: no trace of the new adapter, not even layers that only it had wrapped.
-            self.delete_adapter(adapter_name)
-            _remove_adapter_modules(base, keep=had_adapter_modules)
-            self.targeted_module_names[:] = targeted_module_names
+            # No trace of the new adapter is left, not even layers that only it had wrapped.
+            rollback.restore()
             raise
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         # The new adapter stays inactive; like HF PEFT, it only trains if asked to.
@@ -708,7 +739,7 @@ class PeftModel(nn.Module):
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Turn gradients of the given adapters' weights on or off, whether they are active or not."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = adapter_name_list(adapter_names)
         for name in names:
             self._check_adapter_name(name)
         if self._is_prompt_learning:
@@ -829,21 +860,6 @@ def _prepare_prompt_learning_config(config: PeftConfig, model_config: Any, kv_pr
         config.num_attention_heads = values["num_key_value_heads"]
     if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
-
-
-def _is_adapter_module(module: nn.Module) -> bool:
-    return isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
-
-
-def _remove_adapter_modules(model: nn.Module, keep: set[str]) -> None:
-    """Put back the original module of every adapter layer and modules_to_save wrapper in `model` whose name is not
-    in `keep`: undoes the injection of an adapter whose loading failed."""
-    for name, module in list(model.named_modules()):
-        if name in keep or not _is_adapter_module(module):
-            continue
-        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module.get_base_layer()
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, original)
 
 
 class PeftModelForCausalLM(PeftModel):

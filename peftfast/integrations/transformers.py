@@ -27,9 +27,10 @@ from torch import nn
 from ..config import PeftConfig
 from ..mapping import inject_adapter_in_model
 from ..tuners.tuners_utils import BaseTunerLayer
-from ..utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from ..utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from ..utils.other import ModulesToSaveWrapper
-from ..utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from ..utils.rollback import ModuleTreeRollback
+from ..utils.save_and_load import get_peft_model_state_dict, load_peft_weights, path_inside, set_peft_model_state_dict
 
 # HF PEFT's adapter files key every tensor relative to a PeftModel: `base_model.model.<module path>...`.
 _FILE_KEY_PREFIX = "base_model.model."
@@ -216,12 +217,14 @@ def load_adapter(
             raise ValueError("Pass peft_model_id (an adapter folder) or adapter_state_dict to load weights from.")
         adapter_state_dict = load_peft_weights(peft_model_id, device=torch_device)
     peft_config.inference_mode = not is_trainable
-    inject_adapter_in_model(peft_config, model, adapter_name)
     weights = {key.removeprefix(_FILE_KEY_PREFIX): value for key, value in adapter_state_dict.items()}
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
     if torch_device is None and device is not None:
         weights = {key: value.to(device) for key, value in weights.items()}
+    # A failed load leaves no trace: not the layers it put in, nor the base model frozen by the first adapter.
+    rollback = ModuleTreeRollback(model)
     try:
+        inject_adapter_in_model(peft_config, model, adapter_name)
         result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
         if result.missing_keys:
             raise ValueError(
@@ -229,7 +232,7 @@ def load_adapter(
                 f"for, e.g. {result.missing_keys[:4]}; the config and the weights don't belong together."
             )
     except Exception:
-        delete_adapter(model, adapter_name)
+        rollback.restore()
         raise
     set_adapter(model, adapter_name)
     if not is_trainable:
@@ -324,14 +327,17 @@ def save_adapter(
     tensors = get_adapter_state_dict(model, adapter_name, state_dict=state_dict)
     if not is_main_process:
         return
+    # Both paths are checked before anything is written: a symlink can't take either write outside the folder.
+    weights_path = path_inside(save_directory, SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME)
+    path_inside(save_directory, CONFIG_NAME)
     os.makedirs(save_directory, exist_ok=True)
     tensors = {_FILE_KEY_PREFIX + key: value.detach().contiguous().clone() for key, value in tensors.items()}
     if safe_serialization:
         from safetensors.torch import save_file
 
-        save_file(tensors, os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, weights_path, metadata={"format": "pt"})
     else:
-        torch.save(tensors, os.path.join(save_directory, WEIGHTS_NAME))
+        torch.save(tensors, weights_path)
     config = copy.deepcopy(configs[adapter_name])
     config.inference_mode = True
     config.save_pretrained(save_directory)

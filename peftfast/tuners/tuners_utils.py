@@ -19,8 +19,10 @@ from ..utils.constants import (
     SEQ_CLS_HEAD_NAMES,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
 )
+from ..utils.names import adapter_name_list, check_adapter_name, check_known_adapters
 from ..utils.other import ModulesToSaveWrapper, get_submodules, init_empty_weights, set_trainable_modules
 from ..utils.peft_types import TaskType
+from ..utils.rollback import ModuleTreeRollback
 
 
 class _ExcludedModule:
@@ -62,7 +64,7 @@ def check_target_module_exists(config: PeftConfig, key: str) -> bool | _Excluded
         elif key in exclude or any(key.endswith(f".{name}") for name in exclude):
             return _ExcludedModule()
     modules_to_save = getattr(config, "modules_to_save", None)
-    if modules_to_save and any(re.match(rf"(^|.*\.){name}($|\..*)", key) for name in modules_to_save):
+    if modules_to_save and any(re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", key) for name in modules_to_save):
         return _ExcludedModule()
 
     targets = config.target_modules
@@ -79,6 +81,60 @@ def check_target_module_exists(config: PeftConfig, key: str) -> bool | _Excluded
             return False
         return index == layer_indexes if isinstance(layer_indexes, int) else index in layer_indexes
     return found
+
+
+def _check_layers_to_transform(config: PeftConfig, keys: list[str], matched: list[str]) -> None:
+    """Say which `layers_to_transform` indices name no layer of the model: a ValueError when that leaves nothing to
+    adapt, a warning when other layers were found."""
+    wanted = getattr(config, "layers_to_transform", None)
+    if wanted is None or isinstance(config.target_modules, str):
+        return
+    wanted = [wanted] if isinstance(wanted, int) else list(wanted)
+    if not wanted:
+        return
+    targets = config.target_modules
+    layers_pattern = getattr(config, "layers_pattern", None)
+    # The layers holding a module that target_modules names, whatever layers_to_transform says.
+    present = {
+        _layer_index(key, layers_pattern)
+        for key in keys
+        if key in targets or any(key.endswith(f".{name}") for name in targets)
+    }
+    if not present:
+        return
+    indexed = sorted(index for index in present if index is not None)
+    missing = sorted(set(wanted) - set(indexed))
+    if not missing:
+        return
+    pattern = f" under layers_pattern={layers_pattern!r}" if layers_pattern else ""
+    if indexed:
+        found = f"the modules target_modules names are in layers {indexed}{pattern}"
+    else:
+        found = f"no module target_modules names has a layer index in its name (like '...layers.3.q_proj'){pattern}"
+    message = f"layers_to_transform={wanted} names layers {missing} that the model does not have: {found}."
+    if not matched:
+        raise ValueError(message + " Nothing was adapted; pick layer indices from that list.")
+    warnings.warn(message + f" Only layers {sorted(set(wanted) & set(indexed))} get the adapter.", stacklevel=4)
+
+
+def _warn_unmatched_patterns(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    """Warn about `rank_pattern` / `alpha_pattern` keys that match no module carrying the adapter (as HF PEFT does;
+    the same `(.*\\.)?(KEY)$` matching that picks a module's rank)."""
+    targeted = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer) and adapter_name in module._get_available_adapters()
+    ]
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field_name, None) or {}
+        unmatched = sorted(key for key in patterns if not any(re.match(rf"(.*\.)?({key})$", name) for name in targeted))
+        if unmatched:
+            warnings.warn(
+                f"{field_name} keys {unmatched} of adapter {adapter_name!r} match no module it targets and are "
+                f"ignored; the modules it targets are {targeted[:8]}{' ...' if len(targeted) > 8 else ''}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def _linear_module_names(model: nn.Module, config: PeftConfig) -> set[str]:
@@ -280,17 +336,24 @@ class BaseTuner(nn.Module):
         low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
+        check_adapter_name(adapter_name)
+        # A model that holds adapters already shares its peft_config dict with this tuner: undo the entry on failure.
+        rollback = ModuleTreeRollback(model)
         self.model = model
         self.targeted_module_names: list[str] = []
-        if not hasattr(self, "peft_config"):
-            self.peft_config = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
-        else:
-            if isinstance(peft_config, dict):
-                self.peft_config.update(peft_config)
+        try:
+            if not hasattr(self, "peft_config"):
+                self.peft_config = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
             else:
-                self.peft_config[adapter_name] = peft_config
-        self.active_adapter: str | list[str] = adapter_name
-        self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+                if isinstance(peft_config, dict):
+                    self.peft_config.update(peft_config)
+                else:
+                    self.peft_config[adapter_name] = peft_config
+            self.active_adapter: str | list[str] = adapter_name
+            self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        except Exception:
+            rollback.restore()
+            raise
         self.model.peft_config = self.peft_config
 
     def __getattr__(self, name: str) -> Any:
@@ -365,10 +428,23 @@ class BaseTuner(nn.Module):
     def inject_adapter(
         self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False
     ) -> None:
-        """Replace every module that `self.peft_config[adapter_name]` targets by an adapter layer.
+        """Replace every module that `self.peft_config[adapter_name]` targets by an adapter layer, and wrap its
+        `modules_to_save`.
 
-        On an error (no module matched, a bad shape, an unsupported layer type) the model is left as it was.
+        On an error (a bad adapter name, no module matched, a bad shape, an unsupported layer type, a
+        `modules_to_save` name matching nothing) the model and this tuner are left as they were: module tree, the
+        adapters of every layer and wrapper, and every `requires_grad` flag.
         """
+        check_adapter_name(adapter_name)
+        rollback = ModuleTreeRollback(self, model)
+        try:
+            self._inject_adapter(model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        except Exception:
+            rollback.restore()
+            raise
+        _warn_unmatched_patterns(model, self.peft_config[adapter_name], adapter_name)
+
+    def _inject_adapter(self, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
         config = self._prepare_adapter_config(self.peft_config[adapter_name], model)
         self._check_new_adapter_config(config)
         key_list = [key for key, _ in model.named_modules()]
@@ -383,6 +459,7 @@ class BaseTuner(nn.Module):
                 excluded.append(key)
             elif result:
                 matched.append(key)
+        _check_layers_to_transform(config, key_list, matched)
         if not matched:
             sample = [key for key in key_list if key][:8]
             targets = config.target_modules
@@ -392,31 +469,16 @@ class BaseTuner(nn.Module):
                 f"Target modules {targets} not found in the base model{detail}. Module names look like: {sample}. "
                 "Check target_modules (names, name suffixes, or a regex matching the full name)."
             )
-        # Remember every original module so that a failure part-way puts the model back as it was.
         for key in matched:
             parent, target, target_name = get_submodules(model, key)
             replacements.append((key, parent, target, target_name))
         # As HF PEFT: adding an adapter next to others leaves the trainability of every parameter already there as it
         # was; only the first injection freezes the base model.
         has_adapters = any(isinstance(module, BaseTunerLayer) for module in model.modules())
-        previous_requires_grad = [
-            (param, param.requires_grad)
-            for name, param in model.named_parameters()
-            if has_adapters and f".{adapter_name}." not in name and not name.endswith(f".{adapter_name}")
-        ]
-        try:
-            with init_empty_weights() if low_cpu_mem_usage else nullcontext():
-                for key, parent, target, target_name in replacements:
-                    self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
-        except Exception:
-            for _, parent, target, name in replacements:
-                current = getattr(parent, name)
-                if isinstance(target, BaseTunerLayer):
-                    if adapter_name in target._all_available_adapter_names():
-                        target.delete_adapter(adapter_name)
-                elif current is not target:
-                    setattr(parent, name, target)
-            raise
+        previous_requires_grad = [(param, param.requires_grad) for param in model.parameters()] if has_adapters else []
+        with init_empty_weights() if low_cpu_mem_usage else nullcontext():
+            for key, parent, target, target_name in replacements:
+                self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
         self.targeted_module_names.extend(key for key in matched if key not in self.targeted_module_names)
         # A layer created for this adapter starts with it active: make every layer follow the tuner's active adapters
         # (a new adapter is inactive unless it is the first one) and freeze whatever is not active.
@@ -437,7 +499,7 @@ class BaseTuner(nn.Module):
         return (module for module in self.model.modules() if isinstance(module, BaseTunerLayer))
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = adapter_name_list(adapter_name, "adapter_name")
         missing = [name for name in names if name not in self.peft_config]
         if missing:
             raise ValueError(f"Adapter {missing} not found; available adapters: {list(self.peft_config)}.")
@@ -531,10 +593,19 @@ class BaseTuner(nn.Module):
         """Add the adapters' deltas (the active adapters when `adapter_names` is None) into the base weights; the
         adapter weights are kept, so `unmerge_adapter` can undo it. With `safe_merge`, a NaN/inf in any merged
         weight raises a ValueError before any weight is changed."""
+        self._check_adapters_to_merge(adapter_names)
         if safe_merge:
             self._check_safe_merge(adapter_names)
         for module in self._tuner_layers():
             module.merge(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _check_adapters_to_merge(self, adapter_names: list[str] | None) -> None:
+        # A name no layer has would otherwise merge nothing without a word.
+        if adapter_names is None:
+            return
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, got the string {adapter_names!r}.")
+        check_known_adapters(adapter_name_list(adapter_names), self.peft_config)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter's delta from the base weights again."""
@@ -544,6 +615,8 @@ class BaseTuner(nn.Module):
     def _unload_and_optionally_merge(
         self, merge: bool = True, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
+        if merge:
+            self._check_adapters_to_merge(adapter_names)
         if merge and safe_merge:
             self._check_safe_merge(adapter_names)
         keys = [key for key, _ in self.model.named_modules()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -115,12 +116,12 @@ def get_peft_model_state_dict(
     if state_dict is None:
         state_dict = model.state_dict()
     prefix = _tuner_prefix(config)
+    own_adapter = _adapter_key_pattern(prefix, adapter_name)
     if config.is_prompt_learning:
         # As HF PEFT: the prompt is saved as the encoder's output for the virtual tokens, not as encoder weights.
         to_return = {"prompt_embeddings": model.get_prompt_embedding_to_save(adapter_name)}
     else:
-        own_adapter = re.compile(rf"\.{re.escape(adapter_name)}(\.|$)")
-        to_return = {k: v for k, v in state_dict.items() if prefix in k and own_adapter.search(k)}
+        to_return = {k: v for k, v in state_dict.items() if own_adapter.search(k)}
     bias = getattr(config, "bias", "none")
     if bias == "all":
         to_return.update((k, v) for k, v in state_dict.items() if prefix not in k and k.endswith(".bias"))
@@ -167,13 +168,14 @@ def get_peft_model_state_dict(
             stacklevel=2,
         )
 
-    return {_remove_adapter_name(k, adapter_name, prefix): v for k, v in to_return.items()}
+    return {own_adapter.sub(r"\1", key, count=1): value for key, value in to_return.items()}
 
 
-def _remove_adapter_name(key: str, adapter_name: str, prefix: str) -> str:
-    if prefix in key:
-        return re.sub(rf"\.{re.escape(adapter_name)}(?=\.|$)", "", key, count=1)
-    return key
+def _adapter_key_pattern(prefix: str, adapter_name: str) -> re.Pattern:
+    """Matches the `<holder>.<adapter_name>` part of the in-memory keys of an adapter's tensors, where the holder is
+    an adapter attribute (`lora_A.<name>.weight`, `lora_embedding_A.<name>`), so that a module that happens to share
+    the adapter's name (an adapter "lin0" beside a layer "lin0") is never taken for it. Group 1 is the holder part."""
+    return re.compile(rf"((?:^|\.){re.escape(prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)")
 
 
 def _to_model_key(key: str, adapter_name: str, prefix: str, module_paths: list[str]) -> str:
@@ -183,12 +185,131 @@ def _to_model_key(key: str, adapter_name: str, prefix: str, module_paths: list[s
             return f"{path}.modules_to_save.{adapter_name}.{key[len(path) + 1 :]}"
     if prefix not in key:
         return key
-    head, _, tail = key.partition(prefix)
+    # The last occurrence: a module path may itself contain the prefix ("lora_layers.0.q.lora_A.weight").
+    head, _, tail = key.rpartition(prefix)
     parameter_holder, dot, rest = tail.partition(".")
     if not dot:
         # lora_embedding_A / lora_embedding_B are parameters, not modules: no `.weight` suffix on disk.
         return f"{head}{prefix}{parameter_holder}.{adapter_name}"
     return f"{head}{prefix}{parameter_holder}.{adapter_name}.{rest}"
+
+
+@dataclass
+class _AdapterLoad:
+    """What loading a file's tensors into an adapter will write, worked out and checked before anything is."""
+
+    tensors: dict[str, torch.Tensor]  # in-memory key -> tensor
+    missing_keys: list[str]  # the adapter's tensors in the model that the file lacks
+    unexpected_keys: dict[str, str]  # the file's keys that name no tensor of the model -> their in-memory form
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # skipped under ignore_mismatched_sizes
+    prompt_embeddings: torch.Tensor | None
+
+
+def _plan_adapter_load(
+    model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str, ignore_mismatched_sizes: bool
+) -> _AdapterLoad:
+    """Map on-disk keys to the model's and check every tensor (shape, dtype kind, finite values) before any is
+    loaded, so that a bad file leaves the model as it was; the errors name the key."""
+    config = model.peft_config[adapter_name]
+    prefix = _tuner_prefix(config)
+    module_paths = _modules_to_save_paths(model, adapter_name)
+    model_state = model.state_dict()
+    parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    file_state = dict(peft_model_state_dict)
+    prompt_embeddings = None
+    if config.is_prompt_learning:
+        prompt_embeddings = file_state.pop("prompt_embeddings", None)
+        expected = model.prompt_encoder[adapter_name].embedding.weight.shape
+        if prompt_embeddings is not None and prompt_embeddings.shape != expected:
+            raise ValueError(
+                f"The saved prompt_embeddings have shape {tuple(prompt_embeddings.shape)} but adapter "
+                f"{adapter_name!r} expects {tuple(expected)}; the adapter was saved for another model or config. "
+                "Nothing was loaded."
+            )
+        if prompt_embeddings is not None:
+            weight = model.prompt_encoder[adapter_name].embedding.weight
+            _check_loadable("prompt_embeddings", prompt_embeddings, weight.dtype, is_parameter=True)
+    tensors: dict[str, torch.Tensor] = {}
+    unexpected: dict[str, str] = {}
+    mismatched = []
+    for key, value in file_state.items():
+        model_key = _to_model_key(key, adapter_name, prefix, module_paths)
+        if model_key not in model_state:
+            base_key = model_key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+            if base_key in model_state:
+                model_key = base_key
+        if model_key not in model_state:
+            unexpected[key] = model_key
+            continue
+        target = model_state[model_key]
+        if target.shape != value.shape:
+            if not ignore_mismatched_sizes:
+                raise ValueError(
+                    f"Adapter weight {model_key!r} has shape {tuple(value.shape)} in the file but "
+                    f"{tuple(target.shape)} in the model; the adapter was trained for a different model or config. "
+                    "Nothing was loaded."
+                )
+            mismatched.append((model_key, tuple(value.shape), tuple(target.shape)))
+            continue
+        _check_loadable(model_key, value, target.dtype, is_parameter=model_key in parameter_names)
+        tensors[model_key] = value
+    own_adapter = _adapter_key_pattern(prefix, adapter_name)
+    missing = [key for key in model_state if own_adapter.search(key) and key not in tensors]
+    if config.is_prompt_learning and prompt_embeddings is None:
+        # The prompt lives in the PeftModel's prompt encoder, not in the model's state dict.
+        missing.append("prompt_embeddings")
+    return _AdapterLoad(tensors, missing, unexpected, mismatched, prompt_embeddings)
+
+
+def _check_loadable(key: str, value: torch.Tensor, target_dtype: torch.dtype, is_parameter: bool) -> None:
+    if value.dtype.is_floating_point != target_dtype.is_floating_point:
+        raise ValueError(
+            f"Adapter weight {key!r} is {value.dtype} in the file but {target_dtype} in the model; loading would "
+            "convert its values, so the file is not an adapter for this model (or is corrupt). Nothing was loaded."
+        )
+    if is_parameter and value.dtype.is_floating_point:
+        bad = int(value.numel() - torch.isfinite(value).sum())
+        if bad:
+            raise ValueError(
+                f"Adapter weight {key!r} holds {bad} NaN/inf value(s) out of {value.numel()}; the adapter is "
+                "broken (e.g. saved from a diverged training run). Nothing was loaded."
+            )
+
+
+def _apply_adapter_load(
+    model: nn.Module, plan: _AdapterLoad, adapter_name: str, low_cpu_mem_usage: bool = False
+) -> Any:
+    """Write a checked `_AdapterLoad` into the model; warns about the file's keys that were not loaded."""
+    if low_cpu_mem_usage:
+        result = model.load_state_dict(plan.tensors, strict=False, assign=True)
+        # The assigned tensors have the file's device and dtype: move them to their base layers (fp32 is kept on
+        # fp16/bf16 bases; a PeftModel then applies its autocast_adapter_dtype choice).
+        for module in model.modules():
+            if hasattr(module, "_move_adapter_to_base"):
+                module._move_adapter_to_base(adapter_name, autocast_adapter_dtype=True)
+    else:
+        result = model.load_state_dict(plan.tensors, strict=False)
+    result.missing_keys[:] = plan.missing_keys
+    result.unexpected_keys[:] = plan.unexpected_keys.values()
+    if plan.prompt_embeddings is not None:
+        model.prompt_encoder[adapter_name].load_prompt_embeddings(plan.prompt_embeddings)
+    if plan.unexpected_keys:
+        shown = sorted(plan.unexpected_keys)[:8]
+        warnings.warn(
+            f"{len(plan.unexpected_keys)} tensor(s) of the adapter file match nothing in the model and were not "
+            f"loaded into adapter {adapter_name!r}: {shown}{' ...' if len(plan.unexpected_keys) > 8 else ''}. The "
+            "file may belong to another model or come from a newer library.",
+            stacklevel=3,
+        )
+    if plan.mismatched:
+        warnings.warn(
+            "Skipped adapter weights of mismatched shape: "
+            + ", ".join(
+                f"{key} (file {file_shape}, model {model_shape})" for key, file_shape, model_shape in plan.mismatched
+            ),
+            stacklevel=3,
+        )
+    return result
 
 
 def set_peft_model_state_dict(
@@ -198,71 +319,28 @@ def set_peft_model_state_dict(
     ignore_mismatched_sizes: bool = False,
     low_cpu_mem_usage: bool = False,
 ) -> Any:
-    """Load on-disk adapter tensors into `adapter_name`. Shapes are checked before anything is written, so a
-    mismatch leaves the model unchanged; the error names the key and both shapes."""
-    config = model.peft_config[adapter_name]
-    prefix = _tuner_prefix(config)
-    module_paths = _modules_to_save_paths(model, adapter_name)
-    model_state = model.state_dict()
-    prompt_embeddings = None
-    if config.is_prompt_learning:
-        peft_model_state_dict = dict(peft_model_state_dict)
-        prompt_embeddings = peft_model_state_dict.pop("prompt_embeddings", None)
-        expected = model.prompt_encoder[adapter_name].embedding.weight.shape
-        if prompt_embeddings is not None and prompt_embeddings.shape != expected:
-            raise ValueError(
-                f"The saved prompt_embeddings have shape {tuple(prompt_embeddings.shape)} but adapter "
-                f"{adapter_name!r} expects {tuple(expected)}; the adapter was saved for another model or config. "
-                "Nothing was loaded."
-            )
-    mapped: dict[str, torch.Tensor] = {}
-    for key, value in peft_model_state_dict.items():
-        model_key = _to_model_key(key, adapter_name, prefix, module_paths)
-        if model_key not in model_state:
-            base_key = model_key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
-            if base_key in model_state:
-                model_key = base_key
-        mapped[model_key] = value
-    mismatched = []
-    for key, value in list(mapped.items()):
-        if key in model_state and model_state[key].shape != value.shape:
-            if ignore_mismatched_sizes:
-                mismatched.append((key, tuple(value.shape), tuple(model_state[key].shape)))
-                del mapped[key]
-            else:
-                raise ValueError(
-                    f"Adapter weight {key!r} has shape {tuple(value.shape)} in the file but "
-                    f"{tuple(model_state[key].shape)} in the model; the adapter was trained for a different model "
-                    "or config. Nothing was loaded."
-                )
-    if low_cpu_mem_usage:
-        result = model.load_state_dict(mapped, strict=False, assign=True)
-        # The assigned tensors have the file's device and dtype: move them to their base layers (fp32 is kept on
-        # fp16/bf16 bases; a PeftModel then applies its autocast_adapter_dtype choice).
-        for module in model.modules():
-            if hasattr(module, "_move_adapter_to_base"):
-                module._move_adapter_to_base(adapter_name, autocast_adapter_dtype=True)
-    else:
-        result = model.load_state_dict(mapped, strict=False)
-    adapter_keys = [key for key in model_state if prefix in key and f".{adapter_name}." in f"{key}."]
-    missing_adapter_keys = [key for key in result.missing_keys if key in adapter_keys]
-    result.missing_keys.clear()
-    result.missing_keys.extend(missing_adapter_keys)
-    if config.is_prompt_learning:
-        # The prompt lives in the PeftModel's prompt encoder, not in the model's state dict.
-        if prompt_embeddings is None:
-            result.missing_keys.append("prompt_embeddings")
-        else:
-            model.prompt_encoder[adapter_name].load_prompt_embeddings(prompt_embeddings)
-    if mismatched:
-        warnings.warn(
-            "Skipped adapter weights of mismatched shape: "
-            + ", ".join(
-                f"{key} (file {file_shape}, model {model_shape})" for key, file_shape, model_shape in mismatched
-            ),
-            stacklevel=2,
+    """Load on-disk adapter tensors into `adapter_name`. Every tensor is checked before any is written (shape, an
+    integer tensor where the model has a float one, NaN/inf in a weight), so a bad file leaves the model unchanged;
+    the error names the key. Keys that match nothing in the model are reported with a warning. Returns the
+    `load_state_dict` result: `missing_keys` are the adapter's tensors the file lacks, `unexpected_keys` the file's
+    keys that were not loaded."""
+    plan = _plan_adapter_load(model, peft_model_state_dict, adapter_name, ignore_mismatched_sizes)
+    return _apply_adapter_load(model, plan, adapter_name, low_cpu_mem_usage)
+
+
+def path_inside(folder: str | os.PathLike, *parts: str) -> str:
+    """The real path (symlinks resolved) of `folder/parts...`, which must lie inside the real path of `folder`:
+    a ValueError when an absolute part, a ".." or a symlink in the way leads outside. Every file `save_pretrained`
+    writes goes to such a path."""
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, *parts))
+    if os.path.commonpath([root, path]) != root:
+        wanted = os.path.join(os.fspath(folder), *parts)
+        raise ValueError(
+            f"Refusing to write {wanted!r}: it resolves to {path!r}, outside the folder {root!r} (through an "
+            "absolute path, a '..' or a symlink). Nothing was written."
         )
-    return result
+    return path
 
 
 def load_peft_weights(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
+import warnings
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -99,6 +103,7 @@ class LoraConfig(PeftConfig):
                     f"LoraConfig({name}={value!r}) selects a LoRA variant that peftfast does not implement yet; "
                     f"leave {name} at {off!r}, or use HF PEFT for this adapter."
                 )
+        _check_lora_fields(self)
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         for pattern, rank in self.rank_pattern.items():
@@ -148,3 +153,72 @@ class LoraConfig(PeftConfig):
         result = super().to_dict()
         result["peft_type"] = PeftType.LORA.value
         return result
+
+
+def _check_regex(field_name: str, pattern: str, template: str = "{}") -> None:
+    try:
+        # The pattern alone first, so that the error's position is one in the user's pattern.
+        re.compile(pattern)
+        re.compile(template.format(pattern))
+    except re.error as error:
+        raise ValueError(
+            f"LoraConfig.{field_name} {pattern!r} is not a valid regular expression ({error}); module names are "
+            "matched against it as a regex."
+        ) from error
+
+
+def _check_names(field_name: str, value: Any, regex_if_str: bool) -> None:
+    """A module-name field: None, a regex string (when `regex_if_str`), or a collection of names."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not regex_if_str:
+            raise TypeError(f"LoraConfig.{field_name} must be a list of module names, got the string {value!r}.")
+        _check_regex(field_name, value)
+        return
+    if not isinstance(value, Collection) or not all(isinstance(name, str) for name in value):
+        kind = "a regex string or a list of module names" if regex_if_str else "a list of module names"
+        raise TypeError(f"LoraConfig.{field_name} must be {kind}, got {value!r}.")
+
+
+def _check_alpha(field_name: str, alpha: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"LoraConfig.{field_name} must be a finite number, got {alpha!r}.")
+    if alpha < 0:
+        # A negative alpha is legal (the update is subtracted) and HF PEFT loads it, but it is rarely meant.
+        warnings.warn(
+            f"LoraConfig.{field_name}={alpha!r} is negative: the adapter's update is subtracted from the base "
+            "output (scaling = lora_alpha / r < 0).",
+            UserWarning,
+            stacklevel=5,
+        )
+
+
+def _check_lora_fields(config: LoraConfig) -> None:
+    """Types, regexes and alphas of a LoraConfig: refused here with the field's name rather than deep in matching."""
+    _check_names("target_modules", config.target_modules, regex_if_str=True)
+    _check_names("exclude_modules", config.exclude_modules, regex_if_str=True)
+    _check_names("modules_to_save", config.modules_to_save, regex_if_str=False)
+    layers = config.layers_to_transform
+    if layers is not None:
+        indices = [layers] if not isinstance(layers, Sequence) or isinstance(layers, str) else list(layers)
+        if not all(isinstance(index, int) and not isinstance(index, bool) for index in indices):
+            raise TypeError(f"LoraConfig.layers_to_transform must be a layer index or a list of them, got {layers!r}.")
+        if any(index < 0 for index in indices):
+            raise ValueError(f"LoraConfig.layers_to_transform holds a negative layer index: {layers!r}.")
+    layers_pattern = config.layers_pattern
+    if layers_pattern:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        _check_names("layers_pattern", patterns, regex_if_str=True)
+        for pattern in patterns:
+            _check_regex("layers_pattern", pattern)
+    _check_alpha("lora_alpha", config.lora_alpha)
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(getattr(config, field_name), dict):
+            raise TypeError(
+                f"LoraConfig.{field_name} must be a dict of regex -> value, got {getattr(config, field_name)!r}."
+            )
+        for pattern in getattr(config, field_name):
+            _check_regex(f"{field_name} key", pattern, template=r"(.*\.)?({})$")
+    for pattern, alpha in config.alpha_pattern.items():
+        _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
