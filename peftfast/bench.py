@@ -24,7 +24,8 @@ import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,8 @@ from xml.sax.saxutils import escape
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import peftfast
 
 from . import ops
 from .version import __version__
@@ -400,8 +403,6 @@ def run_lora_linear(
     x requires grad in both modes (as inside a network), adapter weights are trainable, the base weight is frozen,
     modules are in training mode (dropout active).
     """
-    import peftfast
-
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
         raise ValueError(f"Unknown providers {sorted(unknown)}; expected some of {PROVIDERS}.")
@@ -644,10 +645,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """Use `count` intra-op threads, then restore: the setting is process-wide and callers (tests) share it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the LoRA linear suite as the options ask, print the table, append the CSV rows, write the plot."""
-    from .cli import cpu_threads
-
     if args.repeats < 2:
         raise SystemExit("peftfast bench: --repeats must be at least 2")
     if args.threads < 1:

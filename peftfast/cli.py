@@ -12,15 +12,21 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import bench
+from .bench import cpu_threads
+from .mapping import get_peft_model
+from .ops import get_backend
+from .peft_model import PeftModel
+from .tuners.lora import LoraConfig
 from .version import __version__
+
+__all__ = ["cpu_threads", "main"]
 
 _REPORTED_PACKAGES = ("torch", "triton", "transformers", "bitsandbytes", "safetensors")
 # Reported from their installed metadata without importing them: bitsandbytes is imported only where a 4-bit or 8-bit
@@ -92,8 +98,6 @@ def cuda_extension_status() -> str:
 
 
 def selected_backend() -> str:
-    from .ops import get_backend
-
     # An invalid PEFTFAST_BACKEND raises here; show it instead of a traceback.
     try:
         return get_backend()
@@ -205,17 +209,6 @@ def expected_continuation(start: int, new_tokens: int) -> list[int]:
     return [int(token) for token in tokens[1:]]
 
 
-@contextmanager
-def cpu_threads(count: int) -> Iterator[None]:
-    """Use `count` intra-op threads, then restore: the setting is process-wide and callers (tests) share it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @torch.no_grad()
 def compare_logits(model: nn.Module, reloaded: nn.Module, seed: int, device: torch.device) -> float:
     batch = make_batch(torch.Generator().manual_seed(seed + 1), device)
@@ -232,8 +225,6 @@ def show_generations(model: nn.Module, reloaded: nn.Module, device: torch.device
 
 
 def train_save_reload(steps: int, seed: int, output_dir: str, device: torch.device) -> DemoResult:
-    from . import LoraConfig, PeftModel, get_peft_model
-
     start = time.perf_counter()
     base = build_base_model(seed, device)
     # get_peft_model modifies the model in place; the reload needs the untouched base weights.

@@ -10,6 +10,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .registry import CONFIG_ROLE, PROMPT_LEARNING_CONFIG_ROLE, config_class
 from .utils.constants import CONFIG_NAME
 from .utils.peft_types import PeftType, TaskType
 from .utils.save_and_load import path_inside
@@ -28,24 +29,12 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def _config_class_for(peft_type: str | None) -> type[PeftConfigMixin]:
-    from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    if peft_type is None:
-        raise ValueError("The config has no peft_type, so its adapter method is unknown.")
-    key = getattr(peft_type, "value", peft_type)
-    if key not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise ValueError(
-            f"peft_type {key!r} is not supported by peftfast; supported: {sorted(PEFT_TYPE_TO_CONFIG_MAPPING)}."
-        )
-    return PEFT_TYPE_TO_CONFIG_MAPPING[key]
-
-
 @dataclass
 class PeftConfigMixin:
     """Serialisation shared by every config: `to_dict`, `save_pretrained`, `from_pretrained`, `from_json_file`."""
 
     _peft_type = None  # set on each method's config class; None on the generic bases
+    _registry_role = CONFIG_ROLE
 
     task_type: TaskType | str | None = field(default=None, metadata={"help": "The model head, e.g. CAUSAL_LM."})
     peft_type: PeftType | str | None = field(default=None, metadata={"help": "The adapter method."})
@@ -85,7 +74,7 @@ class PeftConfigMixin:
         On a method's own config class (LoraConfig, ...) that class is built; on `PeftConfig` the class registered
         for `kwargs["peft_type"]` is.
         """
-        config_cls = cls if getattr(cls, "_peft_type", None) is not None else _config_class_for(kwargs.get("peft_type"))
+        config_cls = cls if getattr(cls, "_peft_type", None) is not None else config_class(kwargs.get("peft_type"))
         known_fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
         unknown = sorted(set(kwargs) - known_fields)
         if unknown:
@@ -161,6 +150,8 @@ class PromptLearningConfig(PeftConfig):
         num_layers: transformer layers; from the model config when None.
         modules_to_save: extra modules trained in full and saved with the prompt (e.g. a classifier head).
     """
+
+    _registry_role = PROMPT_LEARNING_CONFIG_ROLE
 
     num_virtual_tokens: int | None = field(default=None, metadata={"help": "Number of virtual tokens."})
     token_dim: int | None = field(default=None, metadata={"help": "Hidden size of the base model."})

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .mapping import PEFT_TYPE_TO_TUNER_MAPPING, _tuner_class
+from .registry import PEFT_TYPE_TO_TUNER_MAPPING, model_class
 from .tuners.tuners_utils import (
     BasePromptEncoder,
     BaseTunerLayer,
@@ -89,7 +89,7 @@ class PeftModel(nn.Module):
         super().__init__()
         self.peft_type = peft_config.peft_type
         self._adapters_disabled = False
-        tuner_cls = _tuner_class(peft_config)
+        tuner_cls = model_class(peft_config)
         self._is_prompt_learning = peft_config.is_prompt_learning
         if self._is_prompt_learning:
             _check_no_adapter_layers(model, peft_config)
@@ -210,7 +210,7 @@ class PeftModel(nn.Module):
         """Build adapter `adapter_name`'s prompt encoder and virtual token ids, completing its config from the model's
         (layers, hidden size, heads), and freeze the base model."""
         config = self.peft_config[adapter_name]
-        encoder_cls = _tuner_class(config)
+        encoder_cls = model_class(config)
         base = self.base_model
         own_copies = {id(p) for m in base.modules() if isinstance(m, ModulesToSaveWrapper) for p in m.parameters()}
         for param in base.parameters():
@@ -649,7 +649,7 @@ class PeftModel(nn.Module):
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         elif not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
-        _tuner_class(config)
+        model_class(config)
         _check_prompt_learning_not_trainable(config, is_trainable)
         config.inference_mode = not is_trainable
         task_type = getattr(config.task_type, "value", config.task_type)

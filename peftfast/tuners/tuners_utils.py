@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
+from ..registry import PROMPT_ENCODER_ROLE, TUNER_ROLE
 from ..utils.constants import (
     INCLUDE_LINEAR_LAYERS_SHORTHAND,
     SEQ_CLS_HEAD_NAMES,
@@ -299,6 +300,7 @@ class BasePromptEncoder(nn.Module):
     model loaded for inference keeps just that table in `embedding` and skips the encoder.
     """
 
+    _registry_role = PROMPT_ENCODER_ROLE
     kv_prefix: bool = False
     uses_word_embeddings: bool = False
     embedding: nn.Embedding
@@ -324,6 +326,7 @@ class BaseTuner(nn.Module):
     enable/disable, merge, unload) works on any `BaseTunerLayer`.
     """
 
+    _registry_role = TUNER_ROLE
     prefix: str = ""
     tuner_layer_cls: type[BaseTunerLayer] = BaseTunerLayer
     default_target_modules: dict[str, list[str] | str] = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -716,21 +719,18 @@ class TunerModelStatus:
 
 
 def _peft_model_tuner(model: nn.Module) -> BaseTuner | None:
-    """The tuner of a `PeftModel`, None for any other module (checked by type: transformers models have a
-    `base_model` attribute too)."""
-    from ..peft_model import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return None
-    if not isinstance(model.base_model, BaseTuner):
-        if getattr(model, "_is_prompt_learning", False):
-            # As HF PEFT: a prompt-learning method puts no layers into the model, so there is no layer to report.
-            raise TypeError(
-                f"Layer and model status are for methods with adapter layers; this PeftModel's {model.peft_type} "
-                "adapters have none (their state is model.prompt_encoder)."
-            )
-        raise TypeError(f"This PeftModel wraps a {type(model.base_model).__name__}, not an adapter tuner.")
-    return model.base_model
+    """The tuner of a `PeftModel` (its `base_model` submodule), None for any other module. A transformers model has a
+    `base_model` too, but never a tuner; a prompt-learning `PeftModel` (it has `_is_prompt_learning`) has none."""
+    tuner = model._modules.get("base_model")
+    if isinstance(tuner, BaseTuner):
+        return tuner
+    if model.__dict__.get("_is_prompt_learning", False):
+        # As HF PEFT: a prompt-learning method puts no layers into the model, so there is no layer to report.
+        raise TypeError(
+            f"Layer and model status are for methods with adapter layers; this PeftModel's {model.peft_type} "
+            "adapters have none (their state is model.prompt_encoder)."
+        )
+    return None
 
 
 def _agreement(values: Iterable[bool | str]) -> bool | Literal["irregular"]:

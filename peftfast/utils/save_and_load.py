@@ -16,14 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..registry import parameter_prefix
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .other import ModulesToSaveWrapper
-
-
-def _tuner_prefix(config: Any) -> str:
-    from ..mapping import PEFT_TYPE_TO_PREFIX_MAPPING
-
-    return PEFT_TYPE_TO_PREFIX_MAPPING[getattr(config.peft_type, "value", config.peft_type)]
 
 
 def _modules_to_save_paths(model: nn.Module, adapter_name: str) -> list[str]:
@@ -115,7 +110,7 @@ def get_peft_model_state_dict(
     config = model.peft_config[adapter_name]
     if state_dict is None:
         state_dict = model.state_dict()
-    prefix = _tuner_prefix(config)
+    prefix = parameter_prefix(config)
     own_adapter = _adapter_key_pattern(prefix, adapter_name)
     if config.is_prompt_learning:
         # As HF PEFT: the prompt is saved as the encoder's output for the virtual tokens, not as encoder weights.
@@ -211,7 +206,7 @@ def _plan_adapter_load(
     """Map on-disk keys to the model's and check every tensor (shape, dtype kind, finite values) before any is
     loaded, so that a bad file leaves the model as it was; the errors name the key."""
     config = model.peft_config[adapter_name]
-    prefix = _tuner_prefix(config)
+    prefix = parameter_prefix(config)
     module_paths = _modules_to_save_paths(model, adapter_name)
     model_state = model.state_dict()
     parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}

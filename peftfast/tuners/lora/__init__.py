@@ -1,4 +1,4 @@
-from ...mapping import register_peft_method
+from ...registry import register_peft_method
 from .config import LoraConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .model import LoraModel

@@ -1,4 +1,4 @@
-from ...mapping import register_peft_method
+from ...registry import register_peft_method
 from .config import PromptTuningConfig, PromptTuningInit
 from .model import PromptEmbedding
 
