@@ -34,15 +34,22 @@ from .tuners import (
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
     PromptTuningInit,
+    convert_to_lora,
+    save_as_lora,
 )
 from .tuners.tuners_utils import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .utils import (
+    NoMatchingPeftModuleError,
+    PeftError,
     PeftType,
+    PeftWarning,
     TaskType,
     cast_mixed_precision_params,
+    get_base_model_state_dict,
     get_peft_model_state_dict,
     load_peft_weights,
     prepare_model_for_kbit_training,
+    set_base_model_state_dict,
     set_peft_model_state_dict,
 )
 from .utils.quiet import silence_bitsandbytes_kernel_probe
@@ -58,7 +65,9 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "LoraConfig",
     "LoraModel",
+    "NoMatchingPeftModuleError",
     "PeftConfig",
+    "PeftError",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -66,6 +75,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "PrefixEncoder",
     "PrefixTuningConfig",
     "PromptEmbedding",
@@ -82,7 +92,9 @@ __all__ = [
     "accelerate",
     "accelerated",
     "cast_mixed_precision_params",
+    "convert_to_lora",
     "deaccelerate",
+    "get_base_model_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
@@ -91,6 +103,8 @@ __all__ = [
     "load_peft_weights",
     "prepare_model_for_kbit_training",
     "register_peft_method",
+    "save_as_lora",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]
 

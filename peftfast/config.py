@@ -12,6 +12,7 @@ from typing import Any
 
 from .registry import CONFIG_ROLE, PROMPT_LEARNING_CONFIG_ROLE, config_class
 from .utils.constants import CONFIG_NAME
+from .utils.hub import PushToHubMixin, hub_file, split_hub_kwargs
 from .utils.peft_types import PeftType, TaskType
 from .utils.save_and_load import path_inside
 from .version import __version__
@@ -29,8 +30,31 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+def _config_file(model_id: str | os.PathLike, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
+    """Path of the adapter config of `model_id`: in the local folder, else from the Hub repo of that id."""
+    folder = os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
+    config_file = os.path.join(folder, CONFIG_NAME)
+    if os.path.isfile(config_file):
+        return config_file
+    hint = f"Can't find {CONFIG_NAME} in {os.fspath(folder)!r}: is it an adapter folder saved by save_pretrained"
+    if os.path.isdir(model_id):
+        raise ValueError(f"{hint}?")
+    try:
+        found = hub_file(model_id, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+    except ImportError as error:
+        raise ValueError(f"{hint}, or a Hub repo id? ({error})") from error
+    except Exception as error:
+        raise ValueError(
+            f"{hint}, or a Hub repo id? It is no local folder and the Hugging Face Hub gave no {CONFIG_NAME} for it "
+            f"({type(error).__name__}: {error})."
+        ) from error
+    if found is None:
+        raise ValueError(f"The Hugging Face Hub repo {os.fspath(model_id)!r} has no {CONFIG_NAME}.")
+    return found
+
+
 @dataclass
-class PeftConfigMixin:
+class PeftConfigMixin(PushToHubMixin):
     """Serialisation shared by every config: `to_dict`, `save_pretrained`, `from_pretrained`, `from_json_file`."""
 
     _peft_type = None  # set on each method's config class; None on the generic bases
@@ -103,16 +127,18 @@ class PeftConfigMixin:
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
     ) -> PeftConfigMixin:
-        """Load `adapter_config.json` from a local folder (no hub downloads)."""
-        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
-        config_file = os.path.join(folder, CONFIG_NAME)
-        if not os.path.isfile(config_file):
-            raise ValueError(
-                f"Can't find {CONFIG_NAME} in {os.fspath(folder)!r}: is it an adapter folder saved by "
-                "save_pretrained? (peftfast reads local folders only.)"
-            )
+        """Load `adapter_config.json` from a local folder or a Hugging Face Hub repo id (through huggingface_hub's
+        cache, so offline mode and `local_files_only` work).
+
+        kwargs that `huggingface_hub.hf_hub_download` takes (revision, cache_dir, token, ...) go to it. Config fields
+        in kwargs only fill in fields the file lacks, as in HF PEFT: set attributes on the returned config to change
+        them.
+        """
+        hub_kwargs, other_kwargs = split_hub_kwargs(kwargs)
+        config_file = _config_file(pretrained_model_name_or_path, subfolder, hub_kwargs)
         loaded = cls.from_json_file(config_file)
-        loaded.update(kwargs)
+        config_fields = {f.name for f in dataclasses.fields(cls)}
+        loaded = {**{key: value for key, value in other_kwargs.items() if key in config_fields}, **loaded}
         expected = getattr(cls, "_peft_type", None)
         expected = getattr(expected, "value", expected)
         if expected is not None and loaded.get("peft_type") not in (None, expected):

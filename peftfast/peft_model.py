@@ -34,6 +34,7 @@ from .utils.constants import (
     TOKEN_CLS_HEAD_NAMES,
     WEIGHTS_NAME,
 )
+from .utils.hub import PushToHubMixin, split_hub_kwargs
 from .utils.names import adapter_name_list, check_adapter_name
 from .utils.other import ModulesToSaveWrapper, set_trainable_modules
 from .utils.peft_types import TaskType
@@ -60,7 +61,7 @@ A {peft_type} adapter saved by peftfast {version} in HF PEFT's format (`adapter_
 """
 
 
-class PeftModel(nn.Module):
+class PeftModel(PushToHubMixin, nn.Module):
     """A base model with adapters; same surface as `peft.PeftModel`.
 
     For a tuner method (LoRA, ...) `base_model` is the tuner, which holds the model with adapter layers put in. For a
@@ -153,6 +154,21 @@ class PeftModel(nn.Module):
             active = self._prompt_active_adapter
             return [active] if isinstance(active, str) else list(active)
         return self.base_model.active_adapters
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside `disable_adapter()`, as in HF PEFT; also True, outside it, when no adapter is active (HF PEFT's
+        rule, kept so code written against it behaves the same)."""
+        if self._is_prompt_learning:
+            return not self._adapters_disabled
+        return not self._adapters_disabled or not self.active_adapters
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether the adapters can be converted to LoRA (`peftfast.tuners.lora.convert_to_lora`): every adapter
+        layer adds a delta weight to its base weight. Never for prompt learning."""
+        if self._is_prompt_learning:
+            return False
+        return self.base_model.supports_lora_conversion(adapter_name)
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -641,12 +657,18 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> PeftModel:
-        """Load an adapter folder saved by HF PEFT or peftfast onto `model`. Frozen unless `is_trainable`. If
-        loading fails (a bad config or file, a shape mismatch, missing weights), `model` is left as it was: module
-        tree, every `requires_grad` flag and train/eval mode."""
+        """Load an adapter saved by HF PEFT or peftfast onto `model`. Frozen unless `is_trainable`. If loading fails
+        (a bad config or file, a shape mismatch, missing weights), `model` is left as it was: module tree, every
+        `requires_grad` flag and train/eval mode.
+
+        `model_id` is a local folder or a Hugging Face Hub repo id, read through huggingface_hub's cache (kwargs
+        such as `subfolder`, `revision`, `cache_dir`, `token`, `local_files_only` go to `hf_hub_download`). With
+        `low_cpu_mem_usage` the adapter is created on the meta device and the file's tensors are assigned to it.
+        """
         check_adapter_name(adapter_name)
+        hub_kwargs, _ = split_hub_kwargs(kwargs)
         if config is None:
-            config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+            config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
         elif not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
         model_class(config)
@@ -655,7 +677,7 @@ class PeftModel(nn.Module):
         task_type = getattr(config.task_type, "value", config.task_type)
         if cls is PeftModel and task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task_type]
-        weights = load_peft_weights(model_id, subfolder=kwargs.get("subfolder"))
+        weights = load_peft_weights(model_id, **hub_kwargs)
         rollback = ModuleTreeRollback(model)
         try:
             peft_model = cls(
@@ -716,13 +738,14 @@ class PeftModel(nn.Module):
         existing adapter, as in HF PEFT, the folder's weights replace that adapter's (this is how transformers'
         Trainer resumes from a checkpoint). A load that fails leaves the model as it was."""
         check_adapter_name(adapter_name)
+        hub_kwargs, _ = split_hub_kwargs(kwargs)
         if adapter_name in self.peft_config:
-            weights = load_peft_weights(model_id, device=torch_device, subfolder=kwargs.get("subfolder"))
+            weights = load_peft_weights(model_id, device=torch_device, **hub_kwargs)
             return self._load_weights(weights, adapter_name, is_trainable, False, model_id)
-        config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
         _check_prompt_learning_not_trainable(config, is_trainable)
         config.inference_mode = not is_trainable
-        weights = load_peft_weights(model_id, device=torch_device, subfolder=kwargs.get("subfolder"))
+        weights = load_peft_weights(model_id, device=torch_device, **hub_kwargs)
         rollback = ModuleTreeRollback(self)
         try:
             self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)

@@ -283,6 +283,13 @@ def delete_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
     missing = [name for name in names if name not in configs]
     if missing:
         raise ValueError(f"Adapter(s) {missing} can't be deleted: not found; the model has {list(configs)}.")
+    merged = sorted({name for module in _adapter_modules(model) for name in module.merged_adapters} & set(names))
+    if merged:
+        # Checked before any is deleted: a merged adapter's delta is in the base weights and needs its weights to
+        # be unmerged, so deleting it would leave the model unrepairable.
+        raise ValueError(
+            f"Can't delete adapter(s) {merged} while they are merged; unmerge them first. Nothing was deleted."
+        )
     for name in names:
         remaining = [other for other in active_adapters(model) if other != name]
         for module in _adapter_modules(model):

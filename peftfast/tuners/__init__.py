@@ -1,6 +1,6 @@
 """The adapter methods; importing a method's package registers it (see `peftfast.mapping.register_peft_method`)."""
 
-from .lora import LoraConfig, LoraModel
+from .lora import LoraConfig, LoraModel, convert_to_lora, save_as_lora
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
@@ -20,4 +20,6 @@ __all__ = [
     "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "convert_to_lora",
+    "save_as_lora",
 ]

@@ -20,6 +20,7 @@ from ..utils.constants import (
     SEQ_CLS_HEAD_NAMES,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
 )
+from ..utils.error import NoMatchingPeftModuleError
 from ..utils.names import adapter_name_list, check_adapter_name, check_known_adapters
 from ..utils.other import ModulesToSaveWrapper, get_submodules, init_empty_weights, set_trainable_modules
 from ..utils.peft_types import TaskType
@@ -267,6 +268,11 @@ class BaseTunerLayer:
                 if name in names:
                     item.requires_grad_(requires_grad)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether this layer's adapter can be converted to LoRA: its effect is a delta weight added to the base
+        weight. False unless a layer type says so."""
+        return False
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove `adapter_name` from this layer. If it was active, the other active adapters stay active; if none
         is left, the first remaining adapter (sorted by name) becomes active, as in HF PEFT."""
@@ -468,7 +474,7 @@ class BaseTuner(nn.Module):
             targets = config.target_modules
             targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
             detail = f" ({len(excluded)} matching module(s) were excluded)" if excluded else ""
-            raise ValueError(
+            raise NoMatchingPeftModuleError(
                 f"Target modules {targets} not found in the base model{detail}. Module names look like: {sample}. "
                 "Check target_modules (names, name suffixes, or a regex matching the full name)."
             )
@@ -656,6 +662,10 @@ class BaseTuner(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         return count_parameters(self)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether every adapter layer of the model can be converted to LoRA (see `convert_to_lora`)."""
+        return all(module.supports_lora_conversion() for module in self._tuner_layers())
 
 
 def _parameter_count(param: torch.Tensor) -> int:

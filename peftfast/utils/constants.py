@@ -56,3 +56,7 @@ TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] =
 
 # Keys of state_dicts that hold the input/output embedding weights, for `save_embedding_layers="auto"`.
 EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
+
+# Float dtypes (torch attribute names) that `autocast_adapter_dtype` upcasts to float32 in adapters, besides
+# float16 and bfloat16 (HF PEFT's list; a name this torch lacks is skipped).
+UPCAST_DTYPES = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")

@@ -23,6 +23,24 @@ def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, st
     return parent, model.get_submodule(key), target_name
 
 
+# HF PEFT's name (`peft.utils._get_submodules`), which diffusers imports.
+_get_submodules = get_submodules
+
+
+def infer_device() -> str:
+    """The device type to put work on, in HF PEFT's order of preference: "cuda", "mps", "mlu", "xpu", "npu", else
+    "cpu"."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    for device_type in ("mlu", "xpu", "npu"):
+        backend = getattr(torch, device_type, None)
+        if backend is not None and backend.is_available():
+            return device_type
+    return "cpu"
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module frozen and one trainable copy per adapter; forward runs the active adapter's copy.
 

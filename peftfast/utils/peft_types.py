@@ -1,5 +1,10 @@
 import enum
 
+# HF PEFT's import path of the registration call (`peft.utils.peft_types.register_peft_method`).
+from ..registry import register_peft_method
+
+__all__ = ["PeftType", "TaskType", "register_peft_method"]
+
 
 class PeftType(str, enum.Enum):
     """The adapter methods. Values are the strings written to `adapter_config.json` as `peft_type`."""

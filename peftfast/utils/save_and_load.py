@@ -11,13 +11,14 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..registry import parameter_prefix
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .hub import hub_file, split_hub_kwargs
 from .other import ModulesToSaveWrapper
 
 
@@ -339,28 +340,175 @@ def path_inside(folder: str | os.PathLike, *parts: str) -> str:
 
 
 def load_peft_weights(
-    model_id: str | os.PathLike, device: str | torch.device | None = None, subfolder: str | None = None
+    model_id: str | os.PathLike, device: str | torch.device | None = None, **hf_hub_download_kwargs: Any
 ) -> dict[str, torch.Tensor]:
-    """Read an adapter's tensors from a local folder: safetensors first, else a legacy `.bin` without pickles."""
+    """Read an adapter's tensors from a local folder, or from a Hugging Face Hub repo id through huggingface_hub's
+    cache (kwargs such as `subfolder`, `revision`, `cache_dir`, `token`, `local_files_only` go to
+    `hf_hub_download`): safetensors first, else a legacy `.bin` without pickles. On the CPU unless `device`."""
+    subfolder = hf_hub_download_kwargs.get("subfolder")
     folder = os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
     device = device or "cpu"
     safetensors_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     bin_file = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(safetensors_file):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(safetensors_file, device=str(device))
-        except Exception as error:
-            raise ValueError(f"Can't read adapter weights from {safetensors_file}: {error}") from error
+        return _read_safetensors(safetensors_file, device)
     if os.path.isfile(bin_file):
-        try:
-            return torch.load(bin_file, map_location=device, weights_only=True)
-        except Exception as error:
-            raise ValueError(
-                f"Can't read adapter weights from {bin_file} (only plain tensors are accepted, never "
-                f"pickled objects): {error}"
-            ) from error
+        return _read_bin(bin_file, device)
+    if os.path.isdir(model_id):
+        raise ValueError(
+            f"No adapter weights in {folder!r}: expected {SAFETENSORS_WEIGHTS_NAME} (or a legacy {WEIGHTS_NAME})."
+        )
+    hub_kwargs, _ = split_hub_kwargs(hf_hub_download_kwargs)
+    try:
+        safetensors_file = _hub_weights(model_id, SAFETENSORS_WEIGHTS_NAME, hub_kwargs)
+        bin_file = None if safetensors_file is not None else _hub_weights(model_id, WEIGHTS_NAME, hub_kwargs)
+    except Exception as error:
+        raise ValueError(
+            f"No adapter weights in {folder!r}: it is no local folder, and the Hugging Face Hub gave none for that id "
+            f"({type(error).__name__}: {error})."
+        ) from error
+    if safetensors_file is not None:
+        return _read_safetensors(safetensors_file, device)
+    if bin_file is not None:
+        return _read_bin(bin_file, device)
     raise ValueError(
-        f"No adapter weights in {folder!r}: expected {SAFETENSORS_WEIGHTS_NAME} (or a legacy {WEIGHTS_NAME})."
+        f"The Hugging Face Hub repo {os.fspath(model_id)!r}{f' (subfolder {subfolder!r})' if subfolder else ''} has "
+        f"no adapter weights: expected {SAFETENSORS_WEIGHTS_NAME} (or a legacy {WEIGHTS_NAME})."
     )
+
+
+def _hub_weights(model_id: str | os.PathLike, filename: str, hub_kwargs: dict[str, Any]) -> str | None:
+    """A weights file of a Hub repo, None when the repo (or, offline, the cached snapshot) has none."""
+    try:
+        return hub_file(model_id, filename, **hub_kwargs)
+    except FileNotFoundError:
+        # Offline and not in the cache: the other file name may be.
+        if filename == WEIGHTS_NAME:
+            raise
+        return None
+
+
+def _read_safetensors(path: str, device: str | torch.device) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(device))
+    except Exception as error:
+        raise ValueError(f"Can't read adapter weights from {path}: {error}") from error
+
+
+def _read_bin(path: str, device: str | torch.device) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"Can't read adapter weights from {path} (only plain tensors are accepted, never pickled objects): {error}"
+        ) from error
+
+
+# ------------------------------------------------------------------------------------------- base model state dict
+
+
+def _is_adapter_layer(module: nn.Module) -> bool:
+    # A tuner layer (BaseTunerLayer) holds the module it adapts as its `base_layer` child; told apart by structure so
+    # that this module needs nothing from the tuners.
+    return "base_layer" in module._modules and hasattr(module, "adapter_layer_names")
+
+
+def _is_training_wrapper(module: nn.Module) -> bool:
+    return isinstance(module, ModulesToSaveWrapper)
+
+
+def _adapter_key_prefixes(root: nn.Module) -> set[str]:
+    """State-dict key prefixes (relative to `root`) of everything the adapters added: every child, parameter and
+    buffer of an adapter layer but its `base_layer`, and of a training wrapper but its `original_module` (an adapter
+    layer inside a wrapper, which wraps the original module, is walked into rather than dropped)."""
+    prefixes: set[str] = set()
+    for module_name, module in root.named_modules():
+        if _is_adapter_layer(module):
+            kept = {"base_layer"}
+        elif _is_training_wrapper(module):
+            kept = {"original_module"} | {name for name, child in module.named_children() if _is_adapter_layer(child)}
+        else:
+            continue
+        names = [name for name, _ in module.named_children()]
+        names += [name for name, _ in module.named_parameters(recurse=False)]
+        names += [name for name, _ in module.named_buffers(recurse=False)]
+        prefixes.update(f"{module_name}.{name}" if module_name else name for name in names if name not in kept)
+    return prefixes
+
+
+def _is_under(key: str, prefixes: set[str]) -> bool:
+    return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
+
+
+def _original_key(root: nn.Module, key: str) -> str:
+    """`key` of `root`'s state dict as the model had it before any adapter was put in: the `base_layer` step of an
+    adapter layer, the `original_module` step of a training wrapper and an adapter layer inside a wrapper are
+    dropped. Decided module by module (a module of the model may itself be named `base_layer`)."""
+    parts: list[str] = []
+    current: nn.Module | None = root
+    for part in key.split("."):
+        child = current._modules.get(part) if current is not None else None
+        if child is None:
+            parts.append(part)
+            current = None
+            continue
+        skipped = (
+            (part == "base_layer" and _is_adapter_layer(current))
+            or (part == "original_module" and _is_training_wrapper(current))
+            or (_is_adapter_layer(child) and _is_training_wrapper(current))
+        )
+        if not skipped:
+            parts.append(part)
+        current = child
+    return ".".join(parts)
+
+
+def _base_model_root(model: nn.Module) -> nn.Module:
+    if not hasattr(model, "get_base_model") or not hasattr(model, "peft_config"):
+        raise TypeError(f"Expected a PeftModel, got a {type(model).__name__}.")
+    return model.get_base_model()
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of `model`'s base model (`model` a `PeftModel`) under the keys the model had before adapters
+    were put in, without any adapter tensor (HF PEFT's `get_base_model_state_dict`). For prompt-learning adapters,
+    which change no module, it is the base model's state dict as is."""
+    root = _base_model_root(model)
+    if getattr(model, "_is_prompt_learning", False):
+        return dict(root.state_dict())
+    prefixes = _adapter_key_prefixes(root)
+    return {_original_key(root, key): value for key, value in root.state_dict().items() if not _is_under(key, prefixes)}
+
+
+class _IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def set_base_model_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
+) -> _IncompatibleKeys:
+    """Load `state_dict`, keyed as the base model was before adapters were put in (what `get_base_model_state_dict`
+    returns), into `model`'s base model (`model` a `PeftModel`); adapter weights are not touched.
+
+    Returns (missing_keys, unexpected_keys) in those original keys. With `strict`, any of either raises a
+    RuntimeError listing them, before anything is loaded.
+    """
+    root = _base_model_root(model)
+    if getattr(model, "_is_prompt_learning", False):
+        return root.load_state_dict(state_dict, strict=strict)
+    prefixes = _adapter_key_prefixes(root)
+    model_key = {_original_key(root, key): key for key in root.state_dict() if not _is_under(key, prefixes)}
+    unexpected_keys = [key for key in state_dict if key not in model_key]
+    missing_keys = [key for key in model_key if key not in state_dict]
+    if strict and (missing_keys or unexpected_keys):
+        errors = []
+        if missing_keys:
+            errors.append(f"Missing key(s) in state_dict: {missing_keys}")
+        if unexpected_keys:
+            errors.append(f"Unexpected key(s) in state_dict: {unexpected_keys}")
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(errors))
+    root.load_state_dict({model_key[key]: value for key, value in state_dict.items() if key in model_key}, strict=False)
+    return _IncompatibleKeys(missing_keys=missing_keys, unexpected_keys=unexpected_keys)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ... import ops
 from ..tuners_utils import BaseTunerLayer
-from .layer import Linear
+from .layer import Linear, adapter_dtype
 
 
 def _bitsandbytes():
@@ -130,12 +130,7 @@ class Linear4bit(_QuantizedLinear):
         # layer's compute_dtype instead (HF PEFT's rule), upcast to fp32 under autocast_adapter_dtype.
         base_layer = self.get_base_layer()
         compute_dtype = getattr(base_layer, "compute_dtype", None)
-        if compute_dtype is None:
-            wanted = None
-        elif autocast_adapter_dtype and compute_dtype in (torch.float16, torch.bfloat16):
-            wanted = torch.float32
-        else:
-            wanted = compute_dtype
+        wanted = None if compute_dtype is None else adapter_dtype(compute_dtype, autocast_adapter_dtype)
         device = base_layer.weight.device
         if device.type == "meta":
             return

@@ -15,9 +15,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
+from ...utils.constants import UPCAST_DTYPES
 from ...utils.mixed_batch import AdapterRowGroups
 from ..tuners_utils import BaseTunerLayer
 from .bank import LoraAdapterBank
+
+# Base-layer dtypes whose adapters `autocast_adapter_dtype` keeps in float32 (HF PEFT's rule).
+_UPCAST_TO_FP32 = frozenset(
+    {torch.float16, torch.bfloat16} | {getattr(torch, name) for name in UPCAST_DTYPES if hasattr(torch, name)}
+)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """The dtype of the adapter weights of a layer computing in `base_dtype`: float32 under `autocast_adapter_dtype`
+    when `base_dtype` is float16, bfloat16 or a float8 type, else `base_dtype`."""
+    return torch.float32 if autocast_adapter_dtype and base_dtype in _UPCAST_TO_FP32 else base_dtype
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -46,7 +58,7 @@ class LoraLayer(BaseTunerLayer):
     """Per-adapter LoRA state of one layer: ranks, alphas, scalings, dropouts and the A/B weights."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "lora_bias")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -62,10 +74,22 @@ class LoraLayer(BaseTunerLayer):
         self.lora_bias: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        # False inside `peftfast.helpers.disable_input_dtype_casting`: the LoRA branch then takes x in its own dtype.
+        self.cast_input_dtype_enabled = True
         # Backend ("torch", "triton", ...) the latest forward of this layer's LoRA term ran on; None before any.
         self.last_backend: str | None = None
         self.kwargs = kwargs
         self.in_features, self.out_features = _features(base_layer)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        bank = self.__dict__.get("_adapter_bank")
+        if bank is not None and adapter_name in bank.names:
+            # The packed bank of mixed batches holds a copy of the adapter's weights: repack it without them.
+            if self.lora_A:
+                bank.refresh(self, (), bank.dtype)
+            else:
+                del self.__dict__["_adapter_bank"]
 
     def _record_backend(self, op: str) -> None:
         # Plain attribute write: nn.Module.__setattr__ costs microseconds on every forward.
@@ -114,7 +138,7 @@ class LoraLayer(BaseTunerLayer):
             return
         device, dtype = base_weight.device, base_weight.dtype
         if dtype.is_floating_point or dtype.is_complex:
-            wanted = torch.float32 if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16) else dtype
+            wanted = adapter_dtype(dtype, autocast_adapter_dtype)
         else:
             wanted = None
         for holder in self._adapter_holders():
@@ -170,6 +194,9 @@ class LoraLayer(BaseTunerLayer):
             )
         if self.merged:
             raise ValueError("Mixed-adapter batches (adapter_names=...) can't run with merged adapters; unmerge first.")
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
 
     # Merging: W += delta for each adapter, tracked in merged_adapters so unmerge can undo it.
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
@@ -410,7 +437,18 @@ class Linear(nn.Module, LoraLayer):
         active = self._present_active_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        if not self.cast_input_dtype_enabled:
+            return self._forward_through_modules(x, active, *args, **kwargs)
         return self._forward_with_adapters(x, active, *args, **kwargs)
+
+    def _forward_through_modules(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """HF PEFT's composition, calling lora_A and lora_B as modules on the uncast x: with input casting off, hooks
+        on those modules (diffusers' layerwise casting) manage the dtypes, so the modules themselves must run."""
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in active:
+            result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        return result.to(result_dtype)
 
     def _forward_with_adapters(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the `active` adapters' terms: fused with the base GEMM for a bare nn.Linear, added to
@@ -631,7 +669,8 @@ class _ConvNd(nn.Module, LoraLayer):
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         lora_A = self.lora_A[adapter]
-        x = x.to(lora_A.weight.dtype)
+        if self.cast_input_dtype_enabled:
+            x = x.to(lora_A.weight.dtype)
         return result + self.lora_B[adapter](lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

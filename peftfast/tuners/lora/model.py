@@ -17,6 +17,7 @@ from torch import nn
 from ...utils import merge_utils
 from ...utils.mixed_batch import AdapterRowGroups
 from ...utils.other import ModulesToSaveWrapper
+from ...utils.warning import PeftWarning
 from ..tuners_utils import BaseTuner, BaseTunerLayer
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 from .config import LoraConfig
@@ -74,6 +75,14 @@ class LoraModel(BaseTuner):
             "lora_bias": config.lora_bias,
             "autocast_adapter_dtype": getattr(self, "_autocast_adapter_dtype", True),
         }
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if config.lora_bias and not isinstance(base, nn.Embedding) and getattr(base, "bias", None) is None:
+            warnings.warn(
+                f"lora_bias=True but the targeted {type(base).__name__} {current_key!r} has no bias, so this adapter "
+                "can't be merged into it.",
+                PeftWarning,
+                stacklevel=5,
+            )
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, **{k: v for k, v in kwargs.items() if k != "fan_in_fan_out"})
             return
