@@ -132,7 +132,8 @@ class PushToHubMixin:
             card = hub.ModelCard.load(repo_id, token=token)
         except hub.errors.EntryNotFoundError:
             if os.path.isfile(path):
-                card = hub.ModelCard.load(path)
+                with open(path) as handle:
+                    card = hub.ModelCard(handle.read())
             else:
                 card = hub.ModelCard.from_template(hub.ModelCardData(library_name="peft", tags=list(tags or [])))
         if tags:
