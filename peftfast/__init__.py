@@ -13,8 +13,17 @@ from .auto import (
 )
 from .config import PeftConfig, PromptLearningConfig
 from .integrations import transformers as _integrations_transformers
-from .mapping import get_peft_model, inject_adapter_in_model, register_peft_method
+from .mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    get_peft_config,
+    get_peft_model,
+    inject_adapter_in_model,
+    register_peft_method,
+)
 from .peft_model import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -56,6 +65,10 @@ from .utils.quiet import silence_bitsandbytes_kernel_probe
 from .version import __version__
 
 __all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
     "AccelerationReport",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
@@ -97,6 +110,7 @@ __all__ = [
     "get_base_model_state_dict",
     "get_layer_status",
     "get_model_status",
+    "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",

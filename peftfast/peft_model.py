@@ -734,9 +734,10 @@ class PeftModel(PushToHubMixin, nn.Module):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Load another adapter folder under `adapter_name` (left inactive; use `set_adapter`). Under the name of an
-        existing adapter, as in HF PEFT, the folder's weights replace that adapter's (this is how transformers'
-        Trainer resumes from a checkpoint). A load that fails leaves the model as it was."""
+        """Load another adapter (a local folder or a Hub repo id, as in `from_pretrained`) under `adapter_name`, left
+        inactive (use `set_adapter`). Under the name of an existing adapter, as in HF PEFT, the folder's weights
+        replace that adapter's (this is how transformers' Trainer resumes from a checkpoint). A load that fails
+        leaves the model as it was."""
         check_adapter_name(adapter_name)
         hub_kwargs, _ = split_hub_kwargs(kwargs)
         if adapter_name in self.peft_config:

@@ -60,11 +60,15 @@ TRANSFORMERS_FLAGS = [
 # Module path (under `peft` / `peftfast`) -> names imported from it by user code and integrating libraries.
 NAMES = {
     "": [
+        "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+        "PEFT_TYPE_TO_CONFIG_MAPPING",
+        "PEFT_TYPE_TO_TUNER_MAPPING",
         "NoMatchingPeftModuleError",
         "PeftError",
         "PeftWarning",
         "convert_to_lora",
         "get_base_model_state_dict",
+        "get_peft_config",
         "save_as_lora",
         "set_base_model_state_dict",
     ],
@@ -97,6 +101,7 @@ NAMES = {
     "tuners.tuners_utils": ["BaseTuner", "BaseTunerLayer"],
     "tuners.lora": ["LoraLayer", "LoraModel", "convert_to_lora", "save_as_lora"],
     "tuners.lora.conversion": ["convert_to_lora", "save_as_lora"],
+    "mapping_func": ["get_peft_model"],
     "mapping": [
         "PEFT_TYPE_TO_CONFIG_MAPPING",
         "PEFT_TYPE_TO_PREFIX_MAPPING",
