@@ -12,9 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import peftfast
-
-PACKAGE_DIR = Path(peftfast.__file__).parent
+# Read from the checkout, without importing peftfast: these tests explain an import failure rather than suffer it.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "peftfast"
 
 # The modules that imported each other in a cycle before the registry got a module of its own (issue 14).
 CORE_MODULES = [
@@ -27,6 +26,22 @@ CORE_MODULES = [
     "peftfast.bench",
     "peftfast.cli",
 ]
+
+
+# The layers above peft_model.py (ARCHITECTURE.md): nothing in the tuners, utils, ops, config or the registry may
+# import them. mapping.py is one: get_peft_model builds a PeftModel.
+UPPER_LAYERS = (
+    "peftfast.auto",
+    "peftfast.bench",
+    "peftfast.cli",
+    "peftfast.helpers",
+    "peftfast.integrations",
+    "peftfast.mapping",
+    "peftfast.mapping_func",
+    "peftfast.peft_model",
+    "peftfast.speedup",
+)
+LOWER_LAYERS = ("peftfast.tuners", "peftfast.utils", "peftfast.ops", "peftfast.config", "peftfast.registry")
 
 
 def _modules() -> dict[str, Path]:
@@ -137,3 +152,19 @@ def test_core_modules_import_nothing_lazily():
 
 def test_the_registry_imports_nothing_from_peftfast():
     assert _graph()["peftfast.registry"] == []
+
+
+def _is_in(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == package or name.startswith(f"{package}.") for package in packages)
+
+
+def test_lower_layers_import_no_upper_layer():
+    """A method package registers itself with `peftfast.registry.register_peft_method`, not with the re-export in
+    `peftfast.mapping`: mapping imports peft_model, which imports the method packages (through peftfast.tuners), so
+    that import fails with "partially initialized module 'peftfast.peft_model'"."""
+    upward = {
+        name: sorted({target for target, _ in edges if _is_in(target, UPPER_LAYERS)})
+        for name, edges in _graph().items()
+        if _is_in(name, LOWER_LAYERS)
+    }
+    assert {name: targets for name, targets in upward.items() if targets} == {}
