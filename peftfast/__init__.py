@@ -43,6 +43,8 @@ from .tuners import (
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
     PromptTuningInit,
+    TrainableTokensConfig,
+    TrainableTokensModel,
     convert_to_lora,
     save_as_lora,
 )
@@ -99,6 +101,8 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "TunerLayerStatus",
     "TunerModelStatus",
     "__version__",

@@ -36,7 +36,7 @@ from .utils.constants import (
 )
 from .utils.hub import PushToHubMixin, split_hub_kwargs
 from .utils.names import adapter_name_list, check_adapter_name
-from .utils.other import ModulesToSaveWrapper, set_trainable_modules
+from .utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_trainable_modules
 from .utils.peft_types import TaskType
 from .utils.rollback import ModuleTreeRollback
 from .utils.save_and_load import (
@@ -106,6 +106,8 @@ class PeftModel(PushToHubMixin, nn.Module):
         if "autocast_adapter_dtype" in tuner_cls.__init__.__code__.co_varnames:
             kwargs["autocast_adapter_dtype"] = autocast_adapter_dtype
         self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, **kwargs)
+        # As HF PEFT: a method whose layers don't take the dtype choice themselves (trainable tokens) gets it here.
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):
             self.base_model.config.pretraining_tp = 1
         self._show_base_forward_signature()
@@ -775,10 +777,8 @@ class PeftModel(PushToHubMixin, nn.Module):
                     for name in names:
                         if name in holder:
                             holder[name].requires_grad_(requires_grad)
-            elif isinstance(module, ModulesToSaveWrapper):
-                for name in names:
-                    if name in module.modules_to_save:
-                        module.modules_to_save[name].requires_grad_(requires_grad)
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                module.set_requires_grad(names, requires_grad=requires_grad)
 
 
 def _yaml_string(text: str) -> str:

@@ -197,3 +197,47 @@ def lora_linear_4bit(
 
 
 __all__ += ["lora_linear_4bit", "nf4_dequantize"]
+
+
+# Trainable tokens: embedding rows replaced by trained ones without building the merged table.
+dispatch.register("embedding_with_replaced_rows", "torch", reference.embedding_with_replaced_rows)
+dispatch.register("linear_with_replaced_rows", "torch", reference.linear_with_replaced_rows)
+
+
+def embedding_with_replaced_rows(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    token_indices: torch.Tensor,
+    token_slots: torch.Tensor,
+    rows: torch.Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> torch.Tensor:
+    """Semantics: F.embedding(ids, W2, ...) with W2 = W except W2[token_indices[j]] = rows[j] (rows cast to W's dtype).
+
+    Shapes: ids [...] int; weight W [V, d]; token_indices [k] int64; token_slots [V] int64 (token_slots[
+    token_indices[j]] = j, -1 elsewhere); rows [k, d]. Returns [..., d] in W's dtype.
+    """
+    backend, implementation = dispatch.resolve("embedding_with_replaced_rows", ids, weight, rows)
+    _last_backend["embedding_with_replaced_rows"] = backend
+    return implementation(
+        ids, weight, token_indices, token_slots, rows, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse
+    )
+
+
+def linear_with_replaced_rows(
+    x: torch.Tensor, weight: torch.Tensor, token_indices: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Semantics: y = x @ W2.T with W2 = W except W2[token_indices[j]] = rows[j] (rows cast to W's dtype), no bias.
+
+    Shapes: x [..., d]; weight W [V, d]; token_indices [k] int64; rows [k, d]. Returns [..., V].
+    """
+    backend, implementation = dispatch.resolve("linear_with_replaced_rows", x, weight, rows)
+    _last_backend["linear_with_replaced_rows"] = backend
+    return implementation(x, weight, token_indices, rows)
+
+
+__all__ += ["embedding_with_replaced_rows", "linear_with_replaced_rows"]

@@ -225,3 +225,51 @@ def lora_multi_adapter(
         delta = F.linear(after_A, lora_B_t[row : row + rank].T, bias) * scaling[slot].item()
         y[tokens] = (y[tokens] + delta).to(y.dtype)
     return y
+
+
+def embedding_with_replaced_rows(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    token_indices: torch.Tensor,
+    token_slots: torch.Tensor,
+    rows: torch.Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> torch.Tensor:
+    """Semantics: F.embedding(ids, W2, ...) with W2 = W except W2[token_indices[j]] = rows[j] (rows cast to W's dtype).
+
+    Shapes: ids [...] int; weight W [V, d]; token_indices [k] int64; token_slots [V] int64, token_slots[
+    token_indices[j]] = j and -1 for every other row; rows [k, d]. Returns [..., d] in W's dtype. Gradients reach
+    `rows` (and W's other rows) exactly as through W2; W2 itself is never built unless `max_norm`,
+    `scale_grad_by_freq` or `sparse` ask for the whole table.
+    """
+    rows = rows.to(weight.dtype)
+    if max_norm is not None or scale_grad_by_freq or sparse:
+        # These act on the table as a whole (renormalising the looked-up rows in place, scaling each row's gradient by
+        # its count in the batch): look up in the merged table, as HF PEFT does on every call.
+        merged = weight.index_copy(0, token_indices, rows)
+        return F.embedding(ids, merged, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    result = F.embedding(ids, weight, padding_idx)
+    slots = token_slots[ids]
+    replaced = slots >= 0
+    looked_up = F.embedding(slots.clamp(min=0), rows)
+    if padding_idx is not None:
+        # A lookup of padding_idx passes no gradient to its row, whichever table the row comes from.
+        looked_up = torch.where((ids == padding_idx).unsqueeze(-1), looked_up.detach(), looked_up)
+    return torch.where(replaced.unsqueeze(-1), looked_up, result)
+
+
+def linear_with_replaced_rows(
+    x: torch.Tensor, weight: torch.Tensor, token_indices: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Semantics: y = x @ W2.T with W2 = W except W2[token_indices[j]] = rows[j] (rows cast to W's dtype), no bias.
+
+    Shapes: x [..., d]; weight W [V, d]; token_indices [k] int64; rows [k, d]. Returns [..., V]. W2 is never built:
+    the k replaced output columns are computed apart and written over the base product.
+    """
+    result = F.linear(x, weight)
+    # In place on a fresh product that autograd does not keep: an out-of-place copy would cost a [..., V] tensor.
+    return result.index_copy_(-1, token_indices, F.linear(x, rows.to(weight.dtype)))

@@ -4,6 +4,7 @@ from .lora import LoraConfig, LoraModel, convert_to_lora, save_as_lora
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .tuners_utils import BasePromptEncoder, BaseTuner, BaseTunerLayer
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "convert_to_lora",
     "save_as_lora",
 ]

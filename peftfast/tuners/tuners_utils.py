@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+import copy
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,15 +17,39 @@ from torch import nn
 from ..config import PeftConfig
 from ..registry import PROMPT_ENCODER_ROLE, TUNER_ROLE
 from ..utils.constants import (
+    EMBEDDING_LAYER_NAMES,
     INCLUDE_LINEAR_LAYERS_SHORTHAND,
     SEQ_CLS_HEAD_NAMES,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
 )
 from ..utils.error import NoMatchingPeftModuleError
 from ..utils.names import adapter_name_list, check_adapter_name, check_known_adapters
-from ..utils.other import ModulesToSaveWrapper, get_submodules, init_empty_weights, set_trainable_modules
+from ..utils.other import (
+    AuxiliaryTrainingWrapper,
+    TrainableTokensWrapper,
+    check_token_indices,
+    get_submodules,
+    init_empty_weights,
+    input_embeddings_name,
+    module_names_tied_with_embedding,
+    modules_outside_wrappers,
+    set_additional_trainable_modules,
+    trainable_token_targets,
+    weights_are_tied,
+)
 from ..utils.peft_types import TaskType
 from ..utils.rollback import ModuleTreeRollback
+from ._buffer_dict import BufferDict
+
+_NO_WEIGHT_TYING_MESSAGE = (
+    "The model's output layer is tied to its input embeddings (tie_word_embeddings=True) and a tied layer is part of "
+    "the adapter, but this method can't tie their adapters, so the two are trained apart. This can lead to "
+    "complications, for example when merging the adapter or converting the model to other formats."
+)
+
+
+def _nothing_to_restore() -> None:
+    return None
 
 
 class _ExcludedModule:
@@ -421,18 +446,144 @@ class BaseTuner(nn.Module):
         raise NotImplementedError
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        """Freeze everything but adapter weights and modules_to_save copies (found by structure, not by name; their
-        requires_grad is left to set_adapter)."""
+        """Freeze everything but adapter weights and what auxiliary wrappers train (found by structure, not by name;
+        their requires_grad is left to set_adapter)."""
         adapter_params: set[int] = set()
         for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
+            if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
                 for holder in module._adapter_holders():
                     adapter_params.update(id(param) for param in holder.parameters())
-            elif isinstance(module, ModulesToSaveWrapper):
-                adapter_params.update(id(param) for param in module.modules_to_save.parameters())
         for param in model.parameters():
             if id(param) not in adapter_params:
                 param.requires_grad_(False)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Put `adapter_name`'s weights on their base layers' devices and dtypes, except that with
+        `autocast_adapter_dtype` the weights of an fp16/bf16 layer are kept in fp32 (HF PEFT's rule)."""
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer) and hasattr(module, "_move_adapter_to_base"):
+                module._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+
+    def _prepare_model(self, config: PeftConfig, model: nn.Module) -> Callable[[], None]:
+        """Change the model's structure before the adapter goes in (e.g. LoRA's layer_replication); returns what
+        undoes its changes outside the module tree (which the injection's rollback restores itself), run if the
+        injection fails."""
+        return _nothing_to_restore
+
+    def _add_modules_to_save_to_tie(self, config: PeftConfig, tied_names: list[str]) -> None:
+        warnings.warn(_NO_WEIGHT_TYING_MESSAGE, stacklevel=4)
+
+    def _add_targets_to_tie(self, config: PeftConfig, tied_names: list[str]) -> None:
+        warnings.warn(_NO_WEIGHT_TYING_MESSAGE, stacklevel=4)
+
+    def _check_tied_modules(self, model: nn.Module, config: PeftConfig) -> None:
+        """HF PEFT's `ensure_weight_tying`: when the input embeddings are in `modules_to_save` or `target_modules` of
+        a model whose output layer is tied to them, the method may tie the output layer's adapter to theirs (it
+        updates `config`: `modules_to_tie` / `target_modules_to_tie`). Without `ensure_weight_tying`, warn that the
+        two will be trained apart."""
+        modules_to_save = set(getattr(config, "modules_to_save", None) or [])
+        embedding_to_save = any(name.split(".")[-1] in EMBEDDING_LAYER_NAMES for name in modules_to_save)
+        targets = getattr(config, "target_modules", None)
+        if isinstance(targets, str):
+            embedding_in_target = any(match_target_against_key(targets, name) for name in EMBEDDING_LAYER_NAMES)
+        else:
+            embedding_in_target = any(name.split(".")[-1] in EMBEDDING_LAYER_NAMES for name in targets or [])
+        tied_names = module_names_tied_with_embedding(model)
+        if getattr(config, "ensure_weight_tying", False):
+            if not tied_names:
+                warnings.warn(
+                    "ensure_weight_tying=True, but the model has no layers tied to its embeddings.", stacklevel=4
+                )
+            elif embedding_to_save:
+                self._add_modules_to_save_to_tie(config, tied_names)
+            elif embedding_in_target:
+                self._add_targets_to_tie(config, tied_names)
+            else:
+                warnings.warn(
+                    "ensure_weight_tying=True, but neither modules_to_save nor target_modules names a tied layer.",
+                    stacklevel=4,
+                )
+        elif (embedding_to_save or embedding_in_target) and tied_names:
+            fix = (
+                "set ensure_weight_tying=True to train them as one"
+                if hasattr(config, "ensure_weight_tying")
+                else "this method can't tie their adapters"
+            )
+            warnings.warn(
+                f"The model's output layer is tied to its input embeddings (tie_word_embeddings=True) and a tied layer "
+                f"is part of the adapter, so the two are trained apart: {fix}. This can lead to complications, for "
+                "example when merging the adapter or converting the model to other formats.",
+                stacklevel=4,
+            )
+
+    def _check_tied_module_exists(self, config: PeftConfig, key: str) -> bool:
+        """Whether `key` is an output layer whose adapter is tied to the input embeddings' (ensure_weight_tying)."""
+        tied = getattr(config, "target_modules_to_tie", None) or []
+        return key in tied or any(key.endswith(f".{name}") for name in tied)
+
+    def _check_trainable_token_indices(self, model: nn.Module, config: PeftConfig) -> None:
+        """Check `config.trainable_token_indices` against the model before anything changes, with HF PEFT's refusals:
+        a name matching no module, a module also in modules_to_save or also adapted, indices out of range, and tied
+        layers given different indices under ensure_weight_tying."""
+        indices = getattr(config, "trainable_token_indices", None)
+        if indices is None:
+            return
+        targets, skipped, apply_tying = trainable_token_targets(model, config)
+        modules_to_save = getattr(config, "modules_to_save", None) or []
+        modules = [(key, module) for key, module in modules_outside_wrappers(model) if key]
+        wrapped = []
+        for name, token_indices in targets.items():
+            if name in skipped:
+                continue
+            if name in modules_to_save:
+                raise ValueError(
+                    f"The embedding layer {name!r} is both in modules_to_save (trained fully) and in "
+                    f"trainable_token_indices (a few rows trained); list it in one of them, not both."
+                )
+            matched = [(key, module) for key, module in modules if key == name or key.endswith(f".{name}")]
+            if not matched:
+                raise ValueError(
+                    f"trainable_token_indices names {name!r}, which matches no module of the model; name the "
+                    "embedding layer (e.g. 'embed_tokens'), or pass a list of indices for the input embeddings."
+                )
+            for key, module in matched:
+                self._check_token_target(config, key, module, token_indices)
+            wrapped.extend(key for key, _ in matched)
+        if apply_tying and input_embeddings_name(model) in wrapped:
+            for key in module_names_tied_with_embedding(model):
+                module = model.get_submodule(key)
+                # An adapter layer on the tied output layer stays: its base layer gets the tied rows (HF PEFT's
+                # nesting), so only what it wraps must be a layer whose rows can be read.
+                while isinstance(module, BaseTunerLayer):
+                    module = module.base_layer
+                if isinstance(module, AuxiliaryTrainingWrapper) and not isinstance(module, TrainableTokensWrapper):
+                    raise TypeError(
+                        f"trainable_token_indices can't tie {key!r} to the input embeddings: it is a "
+                        f"{module._error_message_name()} copy. Leave it out of modules_to_save."
+                    )
+                if not isinstance(module, (nn.Embedding, nn.Linear, TrainableTokensWrapper)):
+                    raise TypeError(
+                        f"trainable_token_indices can't tie {key!r} to the input embeddings: it is a "
+                        f"{type(module).__name__}, not an nn.Linear."
+                    )
+
+    def _check_token_target(self, config: PeftConfig, key: str, module: nn.Module, indices: list[int] | None) -> None:
+        adapted = bool(check_target_module_exists(config, key)) or self._check_tied_module_exists(config, key)
+        if isinstance(module, TrainableTokensWrapper):
+            module = module.original_module
+        elif adapted or isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            raise TypeError(
+                f"trainable_token_indices can't train rows of {key!r}: the module is adapted already (a target of "
+                "this config, an adapter layer or a modules_to_save copy). Leave it out of target_modules / "
+                "modules_to_save, or out of trainable_token_indices."
+            )
+        if not isinstance(module, (nn.Embedding, nn.Linear)):
+            raise TypeError(
+                f"trainable_token_indices train rows of an nn.Embedding (or of the output layer tied to it), but "
+                f"{key!r} is a {type(module).__name__}."
+            )
+        if indices is not None:
+            check_token_indices(indices, module.weight.shape[0], f"trainable_token_indices for {key!r}")
 
     def inject_adapter(
         self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False
@@ -446,25 +597,39 @@ class BaseTuner(nn.Module):
         """
         check_adapter_name(adapter_name)
         rollback = ModuleTreeRollback(self, model)
+        # What the model preparation changed outside the module tree (a config field), undone with it.
+        undo: list[Callable[[], None]] = []
         try:
-            self._inject_adapter(model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            self._inject_adapter(model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, undo=undo)
         except Exception:
             rollback.restore()
+            for step in undo:
+                step()
             raise
         _warn_unmatched_patterns(model, self.peft_config[adapter_name], adapter_name)
 
-    def _inject_adapter(self, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
-        config = self._prepare_adapter_config(self.peft_config[adapter_name], model)
+    def _inject_adapter(
+        self, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool, undo: list[Callable[[], None]]
+    ) -> None:
+        config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
-        key_list = [key for key, _ in model.named_modules()]
+        self._check_tied_modules(model, config)
+        config = self._prepare_adapter_config(config, model)
+        self._check_trainable_token_indices(model, config)
+        undo.append(self._prepare_model(config, model))
+        key_list = [key for key, _ in modules_outside_wrappers(model)]
         matched: list[str] = []
         excluded: list[str] = []
+        tied: list[str] = []
         replacements = []
         for key in key_list:
-            if not key or any(part == "modules_to_save" or part == "original_module" for part in key.split(".")):
+            if not key:
                 continue
             result = check_target_module_exists(config, key)
-            if isinstance(result, _ExcludedModule):
+            if self._check_tied_module_exists(config, key):
+                # An output layer tied to the input embeddings: adapted after them, tied to their adapter.
+                tied.append(key)
+            elif isinstance(result, _ExcludedModule):
                 excluded.append(key)
             elif result:
                 matched.append(key)
@@ -478,6 +643,7 @@ class BaseTuner(nn.Module):
                 f"Target modules {targets} not found in the base model{detail}. Module names look like: {sample}. "
                 "Check target_modules (names, name suffixes, or a regex matching the full name)."
             )
+        matched.extend(tied)
         for key in matched:
             parent, target, target_name = get_submodules(model, key)
             replacements.append((key, parent, target, target_name))
@@ -493,40 +659,42 @@ class BaseTuner(nn.Module):
         # (a new adapter is inactive unless it is the first one) and freeze whatever is not active.
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
-        if getattr(config, "modules_to_save", None):
-            set_trainable_modules(
-                model,
-                adapter_name,
-                config.modules_to_save,
-                inference_mode=config.inference_mode,
-                activate_adapter=adapter_name in self.active_adapters,
-            )
+        set_additional_trainable_modules(
+            model, config, adapter_name, activate_adapter=adapter_name in self.active_adapters
+        )
         for param, requires_grad in previous_requires_grad:
             param.requires_grad_(requires_grad)
 
     def _tuner_layers(self) -> Iterable[BaseTunerLayer]:
+        """Every adapter layer, those inside auxiliary wrappers too (they merge like the others)."""
         return (module for module in self.model.modules() if isinstance(module, BaseTunerLayer))
+
+    def _adapter_modules(self) -> list[BaseTunerLayer | AuxiliaryTrainingWrapper]:
+        """The adapter layers and auxiliary wrappers whose adapters the tuner manages; a layer inside a wrapper is the
+        wrapper's to manage (it activates at most one adapter there)."""
+        return [
+            module
+            for _, module in modules_outside_wrappers(self.model)
+            if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        ]
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = adapter_name_list(adapter_name, "adapter_name")
         missing = [name for name in names if name not in self.peft_config]
         if missing:
             raise ValueError(f"Adapter {missing} not found; available adapters: {list(self.peft_config)}.")
-        for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
-                if module.merged:
-                    warnings.warn("Adapters are merged; unmerge them before switching, or results mix.", stacklevel=2)
-                    module.unmerge()
-                module.set_adapter(names, inference_mode=inference_mode)
-            elif isinstance(module, ModulesToSaveWrapper):
-                module.set_adapter(names, inference_mode=inference_mode)
+        for module in self._adapter_modules():
+            if isinstance(module, BaseTunerLayer) and module.merged:
+                warnings.warn("Adapters are merged; unmerge them before switching, or results mix.", stacklevel=2)
+                module.unmerge()
+            module.set_adapter(names, inference_mode=inference_mode)
         self.active_adapter = names if len(names) != 1 else names[0]
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Turn gradients of the named adapters (and their modules_to_save copies) on or off, active or not."""
-        for module in self.model.modules():
-            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-                module.set_requires_grad(adapter_names, requires_grad=requires_grad)
+        """Turn gradients of the named adapters (and what auxiliary wrappers train for them) on or off, active or
+        not."""
+        for module in self._adapter_modules():
+            module.set_requires_grad(adapter_names, requires_grad=requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer and from the config.
@@ -552,21 +720,20 @@ class BaseTuner(nn.Module):
                 f"Adapter {adapter_name!r} was active and is now deleted; {remaining[0]!r} is the active adapter.",
                 stacklevel=2,
             )
-        for module in self.model.modules():
+        for module in self._adapter_modules():
             if isinstance(module, BaseTunerLayer):
                 module.delete_adapter(adapter_name)
                 if was_active:
                     # Every layer follows one model-wide choice (a layer alone would pick among its own adapters, and
                     # layers could disagree). Like HF PEFT, the new active adapters are made trainable.
                     module.set_adapter(remaining)
-            elif isinstance(module, ModulesToSaveWrapper):
+            else:
                 module.delete_adapter(adapter_name, remaining)
         self.active_adapter = remaining if len(remaining) != 1 else remaining[0]
 
     def _set_adapter_layers(self, enabled: bool) -> None:
-        for module in self.model.modules():
-            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-                module.enable_adapters(enabled)
+        for module in self._adapter_modules():
+            module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
         """Turn every adapter layer back on (the active adapters train again)."""
@@ -603,6 +770,7 @@ class BaseTuner(nn.Module):
         adapter weights are kept, so `unmerge_adapter` can undo it. With `safe_merge`, a NaN/inf in any merged
         weight raises a ValueError before any weight is changed."""
         self._check_adapters_to_merge(adapter_names)
+        self._check_merge_allowed()
         if safe_merge:
             self._check_safe_merge(adapter_names)
         for module in self._tuner_layers():
@@ -621,11 +789,41 @@ class BaseTuner(nn.Module):
         for module in self._tuner_layers():
             module.unmerge()
 
+    def _tied_target_modules(self) -> list[str]:
+        """The adapted modules that may be tied to others (by name, as HF PEFT guesses them)."""
+        if not weights_are_tied(self.model):
+            return []
+        return [name for name in self.targeted_module_names if name.split(".")[-1] in EMBEDDING_LAYER_NAMES]
+
+    def _check_merge_allowed(self) -> None:
+        """Raise if this model's adapters can't be merged; warn about merging into embeddings tied to the output
+        layer (HF PEFT's warning: the merge changes both, or unties them)."""
+        nested = [
+            name
+            for name, module in self.model.named_modules()
+            if isinstance(module, BaseTunerLayer) and isinstance(module.get_base_layer(), AuxiliaryTrainingWrapper)
+        ]
+        if nested:
+            # HF PEFT merges such a layer's delta into a temporary copy of the weight, i.e. loses it.
+            raise ValueError(
+                f"Can't merge the adapter layers {nested}: their base layers carry trainable tokens tied to the input "
+                "embeddings, whose weight they share. Use the model unmerged, or train without LoRA on those layers."
+            )
+        tied = self._tied_target_modules()
+        if tied:
+            warnings.warn(
+                f"The model's output layer is tied to its input embeddings (tie_word_embeddings=True) and the adapted "
+                f"modules {tied} are among them; merging can lead to complications. To merge, load the model with "
+                "tie_word_embeddings=False (the output layer a copy of the embeddings) first.",
+                stacklevel=3,
+            )
+
     def _unload_and_optionally_merge(
         self, merge: bool = True, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         if merge:
             self._check_adapters_to_merge(adapter_names)
+            self._check_merge_allowed()
         if merge and safe_merge:
             self._check_safe_merge(adapter_names)
         keys = [key for key, _ in self.model.named_modules()]
@@ -637,21 +835,49 @@ class BaseTuner(nn.Module):
             if isinstance(target, BaseTunerLayer):
                 if merge:
                     target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                setattr(parent, target_name, target.get_base_layer())
-            elif isinstance(target, ModulesToSaveWrapper):
-                chosen = target.modules_to_save[target.active_adapters[0]] if target.active_adapters else None
-                setattr(parent, target_name, chosen if chosen is not None else target.original_module)
+                base = target.get_base_layer()
+                if isinstance(base, AuxiliaryTrainingWrapper):
+                    # A wrapper nested in an adapter layer (the tied rows of an output layer that has a LoRA).
+                    base = base.unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
+                setattr(parent, target_name, base)
+            elif isinstance(target, AuxiliaryTrainingWrapper):
+                setattr(
+                    parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
+                )
         # No adapter is left in the model, so neither is its config (as HF PEFT: wrapping it again starts clean).
         if "peft_config" in self.model.__dict__:
             del self.model.peft_config
+        if merge and weights_are_tied(self.model):
+            self._note_untied_embeddings()
         return self.model
+
+    def _note_untied_embeddings(self) -> None:
+        # A merge that wrote into only one of two tied weights (e.g. a modules_to_save copy) unties them: say so in
+        # the config, as HF PEFT does, so that saving the model does not tie them back.
+        try:
+            output, embeddings = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return
+        output_weight, input_weight = getattr(output, "weight", None), getattr(embeddings, "weight", None)
+        if (
+            output_weight is not None
+            and input_weight is not None
+            and output_weight.data_ptr() != input_weight.data_ptr()
+        ):
+            self.model.config.tie_word_embeddings = False
+            warnings.warn(
+                "Input and output embeddings are no longer tied after merging; set tie_word_embeddings=False in the "
+                "model config.",
+                stacklevel=4,
+            )
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         """Merge the adapters (the active ones when `adapter_names` is None) into the base weights and return the
-        base model with no adapter modules left: adapter layers become their base layers again, and a modules_to_save
-        wrapper becomes the active adapter's copy (the original module when none is active). Use the returned
+        base model with no adapter modules left: adapter layers become their base layers again, a modules_to_save
+        wrapper becomes the active adapter's copy (the original module when none is active) and trainable tokens are
+        written into their embedding. Use the returned
         model. With `safe_merge`, a NaN/inf in any merged weight raises before anything is changed."""
         return self._unload_and_optionally_merge(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -760,7 +986,8 @@ def _quantization_backend_name(module: nn.Module) -> str | None:
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
-    """The status of every adapter layer and modules_to_save wrapper in `model`.
+    """The status of every adapter layer and modules_to_save wrapper in `model` (a trainable tokens wrapper is
+    reported through the token layer it holds, as in HF PEFT).
 
     `model` is a `PeftModel` (names are then relative to its tuner, e.g. "model.model.layers.0.self_attn.q_proj",
     as in HF PEFT) or any module holding peftfast adapter layers. Raises ValueError when there are none.
@@ -769,7 +996,9 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     root = tuner if tuner is not None else model
     statuses: list[TunerLayerStatus] = []
     for name, module in root.named_modules():
-        if not isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+        if not isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            continue
+        if isinstance(module, TrainableTokensWrapper):
             continue
         grads: dict[str, list[bool]] = collections.defaultdict(list)
         devices: dict[str, list[str]] = collections.defaultdict(list)
@@ -777,7 +1006,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
             holder = getattr(module, attr)
             if isinstance(holder, nn.ModuleDict):
                 items = {key: list(sub.parameters()) for key, sub in holder.items()}
-            elif isinstance(holder, nn.ParameterDict):
+            elif isinstance(holder, (nn.ParameterDict, BufferDict)):
                 items = {key: [param] for key, param in holder.items()}
             else:
                 continue
@@ -863,3 +1092,70 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         devices={key: sorted(values) for key, values in devices.items()},
         quantization_backend=backends.pop() if len(backends) == 1 else "irregular",
     )
+
+
+def clone_module(module: nn.Module, share_weights: bool = False) -> nn.Module:
+    """A deep copy of `module`; with `share_weights`, every parameter of the copy is the original's own (the copy's
+    buffers are its own either way)."""
+    clone = copy.deepcopy(module)
+    if share_weights:
+        for name, submodule in module.named_modules():
+            target = clone.get_submodule(name)
+            for param_name, param in submodule.named_parameters(recurse=False):
+                target.register_parameter(param_name, param)
+    return clone
+
+
+def replicate_layers(model: nn.Module, layer_map: list[tuple[int, int]] | list[list[int]]) -> Callable[[], None]:
+    """Rebuild a transformer's stack of layers from `[start, end)` ranges of the current one, the new layers sharing
+    the weights of the layers they repeat (HF PEFT's `layer_replication`): `[[0, 4], [2, 5]]` turns layers
+    `[0, 1, 2, 3, 4]` into `[0, 1, 2, 3, 2, 3, 4]`. The stack is found as HF PEFT finds it: `model(.model)*` then
+    `.layers` (Llama-like), `.bert.encoder.layer` / `.encoder.layer` (BERT-like) or `.h` (Falcon-like); each layer's
+    `layer_idx` becomes its new position and `config.num_hidden_layers` the new count. Returns what puts the old stack
+    back."""
+    while hasattr(model, "model"):
+        model = model.model
+    # Some BERT models nest the encoder under `bert`.
+    if hasattr(model, "bert"):
+        model = model.bert
+    if hasattr(model, "layers"):
+        holder, attribute = model, "layers"
+    elif hasattr(model, "encoder") and hasattr(model.encoder, "layer"):
+        holder, attribute = model.encoder, "layer"
+    elif hasattr(model, "h"):
+        holder, attribute = model, "h"
+    else:
+        holder, attribute = None, None
+    layers = getattr(holder, attribute, None) if holder is not None else None
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            "layer_replication could not find the model's stack of layers: it looks for an nn.ModuleList at "
+            "model(.model)*.layers (Llama-like), .encoder.layer (BERT-like) or .h (Falcon-like)."
+        )
+    for start, end in layer_map:
+        if not 0 <= start <= end <= len(layers):
+            raise ValueError(
+                f"layer_replication range [{start}, {end}) is outside the model's {len(layers)} layers; each range "
+                f"is [start, end) with 0 <= start <= end <= {len(layers)}."
+            )
+    new_layers = []
+    for start, end in layer_map:
+        for index in range(start, end):
+            layer = clone_module(layers[index], share_weights=True)
+            # transformers' attention layers index the key/value cache by their layer_idx.
+            for submodule in layer.modules():
+                if hasattr(submodule, "layer_idx"):
+                    submodule.layer_idx = len(new_layers)
+            new_layers.append(layer)
+    config = getattr(model, "config", None)
+    old_count = getattr(config, "num_hidden_layers", None)
+    setattr(holder, attribute, nn.ModuleList(new_layers))
+    if old_count is not None:
+        config.num_hidden_layers = len(new_layers)
+
+    def restore() -> None:
+        setattr(holder, attribute, layers)
+        if old_count is not None:
+            config.num_hidden_layers = old_count
+
+    return restore

@@ -9,7 +9,9 @@ from .constants import (
 )
 from .error import NoMatchingPeftModuleError, PeftError
 from .other import (
+    AuxiliaryTrainingWrapper,
     ModulesToSaveWrapper,
+    TrainableTokensWrapper,
     _get_submodules,
     cast_mixed_precision_params,
     get_submodules,
@@ -33,12 +35,14 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
     "UPCAST_DTYPES",
     "WEIGHTS_NAME",
+    "AuxiliaryTrainingWrapper",
     "ModulesToSaveWrapper",
     "NoMatchingPeftModuleError",
     "PeftError",
     "PeftType",
     "PeftWarning",
     "TaskType",
+    "TrainableTokensWrapper",
     "_get_submodules",
     "cast_mixed_precision_params",
     "get_base_model_state_dict",

@@ -1,8 +1,10 @@
 """Adapter state dicts in HF PEFT's on-disk key format, and reading adapter files safely.
 
 In memory the adapter name is part of each key (`...q_proj.lora_A.default.weight`); on disk it is not
-(`base_model.model....q_proj.lora_A.weight`), and `modules_to_save` copies are stored under the wrapped module's
-own path. Files are read with safetensors; a legacy `.bin` only through `torch.load(weights_only=True)`.
+(`base_model.model....q_proj.lora_A.weight`). What auxiliary wrappers train is keyed as each wrapper says
+(`adapter_state_dict` / `adapter_state_dict_load_map`): `modules_to_save` copies under the wrapped module's own path,
+trainable tokens as `<embedding>.token_adapter.trainable_tokens_delta`. Files are read with safetensors; a legacy
+`.bin` only through `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -19,15 +21,21 @@ from torch import nn
 from ..registry import parameter_prefix
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .hub import hub_file, split_hub_kwargs
-from .other import ModulesToSaveWrapper
+from .other import AuxiliaryTrainingWrapper
+from .peft_types import PeftType
 
 
-def _modules_to_save_paths(model: nn.Module, adapter_name: str) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
-    ]
+def _wrappers(model: nn.Module) -> list[tuple[str, AuxiliaryTrainingWrapper]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+
+
+def _wrapper_load_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """On-disk key -> state_dict key of everything the auxiliary wrappers hold for `adapter_name`."""
+    return {
+        f"{name}.{file_key}": f"{name}.{model_key}"
+        for name, wrapper in _wrappers(model)
+        for file_key, model_key in wrapper.adapter_state_dict_load_map(adapter_name).items()
+    }
 
 
 def _embedding_is_targeted(model: nn.Module, config: Any) -> bool:
@@ -128,18 +136,21 @@ def get_peft_model_state_dict(
             if bias_key in state_dict:
                 to_return[bias_key] = state_dict[bias_key]
 
-    module_paths = _modules_to_save_paths(model, adapter_name)
-    for key, value in state_dict.items():
-        for path in module_paths:
-            own = f"{path}.modules_to_save.{adapter_name}."
-            if key.startswith(own):
-                to_return[f"{path}.{key[len(own) :]}"] = value
+    for name, wrapper in _wrappers(model):
+        own = f"{name}."
+        wrapper_state = {key[len(own) :]: value for key, value in state_dict.items() if key.startswith(own)}
+        to_return.update(
+            (f"{own}{key}", value) for key, value in wrapper.adapter_state_dict(adapter_name, wrapper_state).items()
+        )
 
     # Embeddings, as HF PEFT: with "auto" their full weights are saved when target_modules names them (unless
     # trainable_token_indices keeps the file small) or when the vocabulary was resized after loading the base model.
     embedding_is_targeted = _embedding_is_targeted(model, config)
     if save_embedding_layers == "auto":
-        using_trainable_tokens = getattr(config, "trainable_token_indices", None) is not None
+        using_trainable_tokens = (
+            getattr(config, "trainable_token_indices", None) is not None
+            or getattr(config.peft_type, "value", config.peft_type) == PeftType.TRAINABLE_TOKENS.value
+        )
         if embedding_is_targeted and not using_trainable_tokens:
             warnings.warn(
                 "Embedding layers are in target_modules: saving their full weights with the adapter "
@@ -174,11 +185,10 @@ def _adapter_key_pattern(prefix: str, adapter_name: str) -> re.Pattern:
     return re.compile(rf"((?:^|\.){re.escape(prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)")
 
 
-def _to_model_key(key: str, adapter_name: str, prefix: str, module_paths: list[str]) -> str:
+def _to_model_key(key: str, adapter_name: str, prefix: str, wrapper_keys: dict[str, str]) -> str:
     """Map an on-disk key back to the in-memory key for `adapter_name`."""
-    for path in module_paths:
-        if key.startswith(f"{path}.") and ".modules_to_save." not in key:
-            return f"{path}.modules_to_save.{adapter_name}.{key[len(path) + 1 :]}"
+    if key in wrapper_keys:
+        return wrapper_keys[key]
     if prefix not in key:
         return key
     # The last occurrence: a module path may itself contain the prefix ("lora_layers.0.q.lora_A.weight").
@@ -208,7 +218,7 @@ def _plan_adapter_load(
     loaded, so that a bad file leaves the model as it was; the errors name the key."""
     config = model.peft_config[adapter_name]
     prefix = parameter_prefix(config)
-    module_paths = _modules_to_save_paths(model, adapter_name)
+    wrapper_keys = _wrapper_load_keys(model, adapter_name)
     model_state = model.state_dict()
     parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     file_state = dict(peft_model_state_dict)
@@ -229,7 +239,7 @@ def _plan_adapter_load(
     unexpected: dict[str, str] = {}
     mismatched = []
     for key, value in file_state.items():
-        model_key = _to_model_key(key, adapter_name, prefix, module_paths)
+        model_key = _to_model_key(key, adapter_name, prefix, wrapper_keys)
         if model_key not in model_state:
             base_key = model_key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
             if base_key in model_state:
@@ -250,7 +260,8 @@ def _plan_adapter_load(
         _check_loadable(model_key, value, target.dtype, is_parameter=model_key in parameter_names)
         tensors[model_key] = value
     own_adapter = _adapter_key_pattern(prefix, adapter_name)
-    missing = [key for key in model_state if own_adapter.search(key) and key not in tensors]
+    expected = {key for key in model_state if own_adapter.search(key)} | set(wrapper_keys.values())
+    missing = [key for key in model_state if key in expected and key not in tensors]
     if config.is_prompt_learning and prompt_embeddings is None:
         # The prompt lives in the PeftModel's prompt encoder, not in the model's state dict.
         missing.append("prompt_embeddings")
@@ -416,7 +427,7 @@ def _is_adapter_layer(module: nn.Module) -> bool:
 
 
 def _is_training_wrapper(module: nn.Module) -> bool:
-    return isinstance(module, ModulesToSaveWrapper)
+    return isinstance(module, AuxiliaryTrainingWrapper)
 
 
 def _adapter_key_prefixes(root: nn.Module) -> set[str]:

@@ -26,14 +26,11 @@ _UNSUPPORTED_WHEN_SET = {
     "velora_config": None,
     "alora_invocation_tokens": None,
     "monteclora_config": None,
-    "layer_replication": None,
     "megatron_config": None,
-    "trainable_token_indices": None,
     "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
-    "ensure_weight_tying": False,
 }
 
 
@@ -45,7 +42,10 @@ class LoraConfig(PeftConfig):
     regex matched against the full module name, or "all-linear"), `exclude_modules`, `bias` ("none", "all",
     "lora_only"), `use_rslora` (scaling `lora_alpha / sqrt(r)`), `modules_to_save`, `init_lora_weights` (True,
     False, "gaussian"), `layers_to_transform`, `layers_pattern`, `rank_pattern`, `alpha_pattern`, `fan_in_fan_out`,
-    `lora_bias`.
+    `lora_bias`, `trainable_token_indices` (a list of rows of the input embeddings to train, or a dict of such
+    lists per embedding module name), `layer_replication` (`[start, end)` ranges of decoder layers to stack into a
+    deeper model whose repeated layers share base weights, each with its own LoRA), `ensure_weight_tying` (an output
+    layer tied to the input embeddings gets the embeddings' modules_to_save copy / LoRA / trainable rows).
     """
 
     _peft_type = PeftType.LORA
@@ -66,7 +66,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, int | float] | None = field(default_factory=dict)
     megatron_config: dict | None = field(default=None)
     megatron_core: str | None = field(default="megatron.core")
-    trainable_token_indices: Any = field(default=None)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(default=None)
     loftq_config: dict = field(default_factory=dict)
     eva_config: Any = field(default=None)
     corda_config: Any = field(default=None)
@@ -128,6 +128,13 @@ class LoraConfig(PeftConfig):
             raise ValueError("layers_pattern only works when target_modules is a list of names, not a regex.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is only used together with layers_to_transform; set both.")
+        _check_trainable_token_indices(self.trainable_token_indices)
+        _check_layer_replication(self.layer_replication)
+        if self.ensure_weight_tying:
+            # Filled in by the tuner from the model (not dataclass fields: never saved): the output layers whose
+            # modules_to_save copy, or LoRA layer, is tied to the input embeddings'.
+            self.modules_to_tie: set[str] | None = None
+            self.target_modules_to_tie: set[str] | None = None
         # Not a dataclass field: never written to adapter_config.json, so it is registered again before each load.
         self._custom_modules: dict[type[nn.Module], type[nn.Module]] | None = None
 
@@ -222,3 +229,38 @@ def _check_lora_fields(config: LoraConfig) -> None:
             _check_regex(f"{field_name} key", pattern, template=r"(.*\.)?({})$")
     for pattern, alpha in config.alpha_pattern.items():
         _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+
+
+def _check_trainable_token_indices(value: Any) -> None:
+    if value is None:
+        return
+    lists = value.items() if isinstance(value, dict) else [("trainable_token_indices", value)]
+    for name, indices in lists:
+        if not isinstance(name, str):
+            raise ValueError(f"trainable_token_indices keys must be module names, got {name!r}.")
+        if (
+            not isinstance(indices, (list, tuple))
+            or not indices
+            or any(isinstance(index, bool) or not isinstance(index, int) for index in indices)
+        ):
+            where = "" if name == "trainable_token_indices" else f"[{name!r}]"
+            raise ValueError(
+                f"trainable_token_indices{where} must be a non-empty list of token indices (integers), got "
+                f"{indices!r}; pass a list for the input embeddings or a dict of lists per embedding module."
+            )
+
+
+def _check_layer_replication(value: Any) -> None:
+    if value is None:
+        return
+    for pair in value:
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or any(isinstance(bound, bool) or not isinstance(bound, int) for bound in pair)
+            or not 0 <= pair[0] <= pair[1]
+        ):
+            raise ValueError(
+                f"layer_replication must be a list of [start, end) layer ranges (integers, 0 <= start <= end), got "
+                f"{value!r}."
+            )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
@@ -16,9 +16,9 @@ from torch import nn
 
 from ...utils import merge_utils
 from ...utils.mixed_batch import AdapterRowGroups
-from ...utils.other import ModulesToSaveWrapper
+from ...utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, input_embeddings_name
 from ...utils.warning import PeftWarning
-from ..tuners_utils import BaseTuner, BaseTunerLayer
+from ..tuners_utils import BaseTuner, BaseTunerLayer, replicate_layers
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 from .config import LoraConfig
 from .layer import LoraLayer, dispatch_custom, dispatch_default
@@ -85,11 +85,99 @@ class LoraModel(BaseTuner):
             )
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, **{k: v for k, v in kwargs.items() if k != "fan_in_fan_out"})
+            if self._check_tied_module_exists(config, current_key):
+                self._tie_to_embedding_adapter(target, adapter_name, config, current_key)
             return
         new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
+        if self._check_tied_module_exists(config, current_key):
+            self._tie_to_embedding_adapter(new_module, adapter_name, config, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _tie_to_embedding_adapter(self, layer: nn.Module, adapter_name: str, config: LoraConfig, key: str) -> None:
+        """ensure_weight_tying: make the LoRA of the output layer `layer` the input embeddings' one, transposed
+        (A = B_emb.T, B = A_emb.T, as HF PEFT ties them): separate parameters over the same memory, so both layers
+        always hold the same factors. The initial values are the output layer's (HF PEFT initialises through the
+        tie), except with init_lora_weights=False, where they are the embeddings'."""
+        embeddings = self.model.get_input_embeddings()
+        if not isinstance(embeddings, LoraLayer) or adapter_name not in embeddings.lora_embedding_A:
+            raise ValueError(
+                f"ensure_weight_tying: the LoRA of {key!r} is to be tied to the input embeddings' LoRA, but the input "
+                f"embeddings carry no LoRA of adapter {adapter_name!r}."
+            )
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+            raise ValueError(
+                f"ensure_weight_tying: {key!r} is tied to the input embeddings but is no LoRA Linear layer."
+            )
+        embedding_A, embedding_B = embeddings.lora_embedding_A[adapter_name], embeddings.lora_embedding_B[adapter_name]
+        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        if lora_A.weight.shape != embedding_B.T.shape or lora_B.weight.shape != embedding_A.T.shape:
+            raise ValueError(
+                f"ensure_weight_tying: the LoRA of {key!r} (A {tuple(lora_A.weight.shape)}, B "
+                f"{tuple(lora_B.weight.shape)}) can't be tied to the input embeddings' (A {tuple(embedding_A.shape)}, "
+                f"B {tuple(embedding_B.shape)}); give both the same rank."
+            )
+        if config.init_lora_weights is not False:
+            with torch.no_grad():
+                embedding_B.copy_(lora_A.weight.T)
+                embedding_A.copy_(lora_B.weight.T)
+        lora_A.weight = nn.Parameter(embedding_B.detach().T, requires_grad=lora_A.weight.requires_grad)
+        lora_B.weight = nn.Parameter(embedding_A.detach().T, requires_grad=lora_B.weight.requires_grad)
+
+    def _prepare_model(self, config: LoraConfig, model: nn.Module) -> Callable[[], None]:
+        """`layer_replication`: stack the decoder layers as the config asks before LoRA goes in (every copy gets a
+        LoRA of its own, the base weights are shared)."""
+        if config.layer_replication:
+            return replicate_layers(model, config.layer_replication)
+        return super()._prepare_model(config, model)
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        replicated = [name for name, config in self.peft_config.items() if getattr(config, "layer_replication", None)]
+        if replicated:
+            # HF PEFT means to refuse this too (its check looks the option up on the dict of configs, so it never
+            # fires, and merging then adds every copy's delta into the one weight they share).
+            raise ValueError(
+                f"Can't merge LoRA layers when base model layers are replicated (layer_replication of adapter(s) "
+                f"{replicated}): the copies share their base weights, so each copy's delta would land in all of "
+                "them. Use the model unmerged."
+            )
+
+    def _add_modules_to_save_to_tie(self, config: LoraConfig, tied_names: list[str]) -> None:
+        """ensure_weight_tying with the embeddings in modules_to_save: the input embeddings get the copy (added to
+        modules_to_save if only the output layer was listed) and the tied output layers, taken out of
+        modules_to_save, share its weight (`config.modules_to_tie`)."""
+        config.modules_to_tie = set(tied_names)
+        modules_to_save = list(config.modules_to_save or [])
+        embeddings = input_embeddings_name(self.model)
+        if embeddings not in modules_to_save:
+            modules_to_save.append(embeddings)
+        for key in tied_names:
+            for name in modules_to_save:
+                if re.match(rf"(^|.*\.){name}($|\..*)", key):
+                    modules_to_save.remove(name)
+                    break
+        config.modules_to_save = modules_to_save
+
+    def _add_targets_to_tie(self, config: LoraConfig, tied_names: list[str]) -> None:
+        """ensure_weight_tying with the embeddings in target_modules: the input embeddings get the LoRA (added to
+        target_modules if only the output layer was listed) and the tied output layers a LoRA tied to theirs
+        (`config.target_modules_to_tie`)."""
+        config.target_modules_to_tie = set(tied_names)
+        embeddings = input_embeddings_name(self.model)
+        targets = config.target_modules
+        if isinstance(targets, str):
+            config.target_modules = rf"(?:{targets}|^{re.escape(embeddings)}$)"
+            return
+        targets = set(targets or [])
+        targets.add(embeddings)
+        for key in tied_names:
+            for name in targets:
+                if re.match(rf"(^|.*\.){name}($|\..*)", key):
+                    targets.remove(name)
+                    break
+        config.target_modules = targets
 
     @staticmethod
     def _create_new_module(
@@ -112,13 +200,6 @@ class LoraModel(BaseTuner):
                 "mapping is not saved)."
             )
         return new_module
-
-    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Put `adapter_name`'s weights on their base layers' devices and dtypes, except that with
-        `autocast_adapter_dtype` the weights of an fp16/bf16 layer are kept in fp32 (HF PEFT's rule)."""
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer):
-                module._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
 
     @staticmethod
     def _replace_module(parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
@@ -159,7 +240,7 @@ class LoraModel(BaseTuner):
                 f"Unknown adapter name(s) {unknown} in adapter_names; available: "
                 f"{list(self.peft_config)} and '__base__'."
             )
-        if any(isinstance(m, LoraLayer) and m.merged for m in self.model.modules()):
+        if any(isinstance(m, BaseTunerLayer) and m.merged for m in self.model.modules()):
             raise ValueError(
                 "Mixed-adapter batches (adapter_names=...) can't run with merged adapters; "
                 "call unmerge_adapter() first."
@@ -172,7 +253,7 @@ class LoraModel(BaseTuner):
         adapter_names = AdapterRowGroups(adapter_names, num_adapters=len(self.peft_config))
         handles = []
         for module in self.model.modules():
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
                 hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
