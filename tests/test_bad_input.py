@@ -415,7 +415,7 @@ def test_injection_failing_at_its_last_step_is_rolled_back(tmp_path, monkeypatch
     # work): the new layers, the new adapter's copy in the existing lin2 wrapper and the frozen flags are all undone.
     from peftfast.tuners import tuners_utils
 
-    wrap = tuners_utils.set_trainable_modules
+    wrap = tuners_utils.set_additional_trainable_modules
 
     def wrap_then_fail(*args, **kwargs):
         wrap(*args, **kwargs)
@@ -423,7 +423,7 @@ def test_injection_failing_at_its_last_step_is_rolled_back(tmp_path, monkeypatch
 
     model = _trainable_peft_model(tmp_path) if existing else _mlp().train()
     before = ModelSnapshot.of(model)
-    monkeypatch.setattr(tuners_utils, "set_trainable_modules", wrap_then_fail)
+    monkeypatch.setattr(tuners_utils, "set_additional_trainable_modules", wrap_then_fail)
     config = LoraConfig(target_modules=["lin0", "lin1"], modules_to_save=["lin2"])
     with pytest.raises(RuntimeError, match="late failure"):
         model.add_adapter("new", config) if existing else get_peft_model(model, config)
