@@ -15,6 +15,7 @@ from .dispatch import available_backends, get_backend, set_backend, use_backend
 
 dispatch.register("lora_linear", "torch", reference.lora_linear)
 dispatch.register("lora_add", "torch", reference.lora_add)
+dispatch.register("lora_add_masked", "torch", reference.lora_add_masked)
 # `autograd` imports Triton only when a kernel runs, so `import peftfast` works without it.
 dispatch.register("lora_linear", "triton", autograd.lora_linear_triton, can_serve=autograd.can_run_lora_linear)
 
@@ -63,6 +64,28 @@ def lora_add(
     backend, implementation = dispatch.resolve("lora_add", result, x, lora_A, lora_B)
     _last_backend["lora_add"] = backend
     return implementation(result, x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
+
+
+def lora_add_masked(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    lora_B_bias: Sequence[torch.Tensor | None],
+    scaling: Sequence[float],
+    dropout_p: Sequence[float],
+    training: bool,
+    token_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Semantics: result[t] + (sum_i scaling[i] * (dropout(x[t], p[i]) @ A[i].T @ B[i].T + B_bias[i]) if
+    token_mask[t] else 0), for every token t (aLoRA: the adapters act from each row's invocation sequence on).
+
+    Shapes: result [..., d_out]; x [..., d_in]; token_mask result.shape[:-1] bool; adapters as in `lora_linear`.
+    Returns result's dtype. No host sync and no data-dependent shape, whatever the mask holds.
+    """
+    backend, implementation = dispatch.resolve("lora_add_masked", result, x, lora_A, lora_B, token_mask)
+    _last_backend["lora_add_masked"] = backend
+    return implementation(result, x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training, token_mask)
 
 
 def _can_run_lora_multi_adapter(y, x, lora_A, lora_B_t, lora_B_bias, scaling, *args, **kwargs) -> bool:
@@ -132,6 +155,7 @@ __all__ = [
     "get_backend",
     "last_backend",
     "lora_add",
+    "lora_add_masked",
     "lora_linear",
     "lora_multi_adapter",
     "multi_adapter_bank_dtype",

@@ -38,6 +38,38 @@ def lora_add(
     return result if result.dtype == result_dtype else result.to(result_dtype)
 
 
+def lora_add_masked(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    lora_B_bias: Sequence[torch.Tensor | None],
+    scaling: Sequence[float],
+    dropout_p: Sequence[float],
+    training: bool,
+    token_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Semantics: for each adapter i, result[t] += scaling[i] * (dropout(x[t], p[i]) @ A[i].T @ B[i].T + B_bias[i])
+    where token_mask[t], nothing elsewhere.
+
+    Shapes: result [..., d_out], x [..., d_in], token_mask result.shape[:-1] bool; adapters as in `lora_add`.
+    Every token goes through the adapter, with its rank-r intermediate `x @ A.T` zeroed where the mask is off (a
+    `where` over [tokens, r], not over the output): no data-dependent shape, no host sync, the cost of plain LoRA. A
+    masked-out token's output is exactly result's and sends no gradient through the adapter.
+    """
+    result_dtype = result.dtype
+    keep = token_mask.unsqueeze(-1)
+    for A, B, B_bias, s, p in zip(lora_A, lora_B, lora_B_bias, scaling, dropout_p):
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        dropped = F.dropout(x, p=p, training=training) if p > 0 else x
+        delta = F.linear(torch.where(keep, F.linear(dropped, A), 0.0), B)
+        if B_bias is not None:
+            delta = delta + torch.where(keep, B_bias, 0.0)
+        result = result + delta * s
+    return result if result.dtype == result_dtype else result.to(result_dtype)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
