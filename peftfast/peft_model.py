@@ -77,7 +77,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         low_cpu_mem_usage: create the adapter weights on the meta device (to be loaded into).
     """
 
-    special_peft_forward_args = {"adapter_names"}
+    special_peft_forward_args = {"adapter_names", "alora_offsets"}
 
     def __init__(
         self,
@@ -891,6 +891,15 @@ class PeftModelForCausalLM(PeftModel):
     labels get -100 for the virtual tokens, and `generate` prepends the prompt at the first step."""
 
     _labels_per_token = True
+
+    def _forward_context(self, *args: Any, **kwargs: Any):
+        # aLoRA, as in HF PEFT for causal LMs only: find where each row's invocation sequence starts, once per call.
+        find_offsets = getattr(self.base_model, "alora_offsets_for_call", None)
+        if find_offsets is not None and kwargs.get("alora_offsets") is None:
+            offsets = find_offsets(*args, **kwargs)
+            if offsets is not None:
+                kwargs["alora_offsets"] = offsets
+        return super()._forward_context(*args, **kwargs)
 
     def _prompt_learning_generate(self, *args: Any, **kwargs: Any) -> Any:
         with self._patched_prepare_inputs_for_generation():

@@ -2,6 +2,7 @@ from ...registry import register_peft_method
 from .config import LoraConfig
 from .conversion import convert_to_lora, save_as_lora
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
+from .mha import MultiheadAttention
 from .model import LoraModel
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "LoraConfig",
     "LoraLayer",
     "LoraModel",
+    "MultiheadAttention",
     "convert_to_lora",
     "save_as_lora",
 ]

@@ -143,13 +143,16 @@ class LoraAdapterBank:
         self.dtype = requested
         self.rebuilds += 1
 
-    def group_slot(self, group_names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """This layer's slot of each group of a call (-1: "__base__" or an adapter this layer lacks), int32.
+    def group_slot(
+        self, group_names: tuple[str, ...], device: torch.device, skip: tuple[str, ...] = ()
+    ) -> torch.Tensor:
+        """This layer's slot of each group of a call (-1: "__base__", an adapter this layer lacks, or one in `skip`),
+        int32.
 
         Cached for the last group list: every decode step of a `generate` call asks for the same one.
         """
-        key = (group_names, torch.device(device), self.rebuilds)
+        key = (group_names, torch.device(device), self.rebuilds, skip)
         if self._group_slot is None or self._group_slot[0] != key:
-            slots = [self.slot_of.get(name, -1) for name in group_names]
+            slots = [-1 if name in skip else self.slot_of.get(name, -1) for name in group_names]
             self._group_slot = (key, torch.tensor(slots, dtype=torch.int32, device=device))
         return self._group_slot[1]

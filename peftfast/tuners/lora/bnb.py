@@ -69,7 +69,9 @@ class _QuantizedLinear(Linear):
 
     def _check_safe_merge(self, adapter_names: list[str] | None, layer_name: str) -> None:
         weight = None
-        for adapter in self._adapters_to_merge(adapter_names, warn=False):
+        adapters = self._adapters_to_merge(adapter_names, warn=False)
+        self._refuse_alora_merge(adapters, safe_merge=True)
+        for adapter in adapters:
             weight = self._merged_weight(adapter, self._dequantized_weight() if weight is None else weight, 1)
             if not torch.isfinite(weight).all():
                 raise ValueError(
@@ -81,7 +83,9 @@ class _QuantizedLinear(Linear):
         """Dequantize the base weight, add each adapter's delta, quantize it again (HF PEFT's merge into a quantized
         layer: the result is rounded to the quantized format, so outputs change slightly)."""
         base_layer = self.get_base_layer()
-        for adapter in self._adapters_to_merge(adapter_names):
+        adapters = self._adapters_to_merge(adapter_names)
+        self._refuse_alora_merge(adapters, safe_merge)
+        for adapter in adapters:
             warnings.warn(
                 f"Merging a LoRA adapter into a {self._kind} layer re-quantizes its weight: outputs may differ from "
                 "the unmerged model's because of rounding.",

@@ -24,7 +24,6 @@ _UNSUPPORTED_WHEN_SET = {
     "corda_config": None,
     "lora_ga_config": None,
     "velora_config": None,
-    "alora_invocation_tokens": None,
     "monteclora_config": None,
     "megatron_config": None,
     "target_parameters": None,
@@ -45,7 +44,9 @@ class LoraConfig(PeftConfig):
     `lora_bias`, `trainable_token_indices` (a list of rows of the input embeddings to train, or a dict of such
     lists per embedding module name), `layer_replication` (`[start, end)` ranges of decoder layers to stack into a
     deeper model whose repeated layers share base weights, each with its own LoRA), `ensure_weight_tying` (an output
-    layer tied to the input embeddings gets the embeddings' modules_to_save copy / LoRA / trainable rows).
+    layer tied to the input embeddings gets the embeddings' modules_to_save copy / LoRA / trainable rows),
+    `alora_invocation_tokens` (aLoRA: the token ids of the invocation sequence; the adapter acts on each row from its
+    last occurrence on, see `peftfast.tuners.lora.alora`).
     """
 
     _peft_type = PeftType.LORA
@@ -104,6 +105,7 @@ class LoraConfig(PeftConfig):
                     f"leave {name} at {off!r}, or use HF PEFT for this adapter."
                 )
         _check_lora_fields(self)
+        _check_alora_invocation_tokens(self)
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         for pattern, rank in self.rank_pattern.items():
@@ -264,3 +266,18 @@ def _check_layer_replication(value: Any) -> None:
                 f"layer_replication must be a list of [start, end) layer ranges (integers, 0 <= start <= end), got "
                 f"{value!r}."
             )
+
+
+def _check_alora_invocation_tokens(config: LoraConfig) -> None:
+    tokens = config.alora_invocation_tokens
+    if tokens is None:
+        return
+    if not isinstance(tokens, (list, tuple)) or not all(
+        isinstance(token, int) and not isinstance(token, bool) for token in tokens
+    ):
+        raise TypeError(
+            f"LoraConfig.alora_invocation_tokens must be a list of token ids (ints), got {tokens!r}; tokenize the "
+            "invocation string first, e.g. tokenizer.encode(text, add_special_tokens=False)."
+        )
+    if tokens and config.task_type != "CAUSAL_LM":
+        warnings.warn("aLoRA is currently only supported for CAUSAL_LM task (as in HF PEFT).", stacklevel=4)

@@ -18,6 +18,7 @@ from ... import ops
 from ...utils.constants import UPCAST_DTYPES
 from ...utils.mixed_batch import AdapterRowGroups
 from ..tuners_utils import BaseTunerLayer
+from .alora import AloraOffsets, token_mask_for
 from .bank import LoraAdapterBank
 
 # Base-layer dtypes whose adapters `autocast_adapter_dtype` keeps in float32 (HF PEFT's rule).
@@ -58,7 +59,7 @@ class LoraLayer(BaseTunerLayer):
     """Per-adapter LoRA state of one layer: ranks, alphas, scalings, dropouts and the A/B weights."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "lora_bias")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "lora_bias", "use_alora")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -72,6 +73,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_embedding_B = nn.ParameterDict({})
         self.use_rslora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
+        # aLoRA adapters (alora_invocation_tokens set): they act only where the call's aLoRA offsets say.
+        self.use_alora: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         # False inside `peftfast.helpers.disable_input_dtype_casting`: the LoRA branch then takes x in its own dtype.
@@ -130,7 +133,7 @@ class LoraLayer(BaseTunerLayer):
         fp16/bf16 base gets fp32 adapter weights (HF PEFT's default, for stable training). Adapter weights still on
         the meta device (`low_cpu_mem_usage`, not loaded yet) are left there."""
         base_weight = None
-        for weight_name in ("weight", "qweight"):
+        for weight_name in ("weight", "qweight", "in_proj_weight"):
             base_weight = getattr(self.get_base_layer(), weight_name, None)
             if base_weight is not None:
                 break
@@ -214,6 +217,14 @@ class LoraLayer(BaseTunerLayer):
                 warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
         return [name for name in names if name in self._get_available_adapters()]
 
+    def _refuse_alora_merge(self, adapters: list[str], safe_merge: bool) -> None:
+        activated = [name for name in adapters if self.use_alora.get(name)]
+        if activated:
+            raise NotImplementedError(
+                f"aLoRA does not support {'safe ' if safe_merge else ''}merging (adapter(s) {activated}): an aLoRA "
+                "adapter acts on some tokens only, which no merged weight can do (as in HF PEFT)."
+            )
+
     def _merge_deltas(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What merging `adapter` adds to the base weight and bias, in their dtypes (bias: None if nothing)."""
         base_layer = self.get_base_layer()
@@ -234,7 +245,9 @@ class LoraLayer(BaseTunerLayer):
         base_layer = self.get_base_layer()
         weight, bias = base_layer.weight.data, getattr(base_layer, "bias", None)
         bias = None if bias is None else bias.data
-        for adapter in self._adapters_to_merge(adapter_names, warn=False):
+        adapters = self._adapters_to_merge(adapter_names, warn=False)
+        self._refuse_alora_merge(adapters, safe_merge=True)
+        for adapter in adapters:
             delta_weight, delta_bias = self._merge_deltas(adapter)
             weight = weight + delta_weight
             bias = bias if delta_bias is None else bias + delta_bias
@@ -251,7 +264,9 @@ class LoraLayer(BaseTunerLayer):
         a ValueError names the adapter and the weights of this layer are left as they were before that adapter.
         """
         base_layer = self.get_base_layer()
-        for adapter in self._adapters_to_merge(adapter_names):
+        adapters = self._adapters_to_merge(adapter_names)
+        self._refuse_alora_merge(adapters, safe_merge)
+        for adapter in adapters:
             delta_weight, delta_bias = self._merge_deltas(adapter)
             if safe_merge:
                 weight = base_layer.weight.data + delta_weight
@@ -334,6 +349,7 @@ class Linear(nn.Module, LoraLayer):
         use_rslora: bool = False,
         lora_bias: bool = False,
         autocast_adapter_dtype: bool = True,
+        use_alora: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -350,6 +366,7 @@ class Linear(nn.Module, LoraLayer):
             use_rslora=use_rslora,
             lora_bias=lora_bias,
             autocast_adapter_dtype=autocast_adapter_dtype,
+            use_alora=use_alora,
         )
 
     def update_layer(
@@ -362,6 +379,7 @@ class Linear(nn.Module, LoraLayer):
         use_rslora: bool,
         lora_bias: bool = False,
         autocast_adapter_dtype: bool = True,
+        use_alora: bool = False,
         **kwargs: Any,
     ) -> None:
         self._check_rank(r)
@@ -370,6 +388,7 @@ class Linear(nn.Module, LoraLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
         self.lora_bias[adapter_name] = lora_bias
+        self.use_alora[adapter_name] = use_alora
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
         self.set_adapter(self.active_adapters)
@@ -395,14 +414,33 @@ class Linear(nn.Module, LoraLayer):
             bank = self.__dict__["_adapter_bank"] = LoraAdapterBank()
         return bank
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+    def _mixed_batch_forward(
+        self,
+        x: torch.Tensor,
+        *args: Any,
+        adapter_names: list[str],
+        alora_offsets: AloraOffsets | None = None,
+        **kwargs: Any,
+    ):
         """Each row runs with its own adapter, all of them in one `ops.lora_multi_adapter` call over the packed bank
-        (SGMV kernels on the triton backend); the token layout comes from the call's `AdapterRowGroups`."""
+        (SGMV kernels on the triton backend); the token layout comes from the call's `AdapterRowGroups`. The rows of
+        an aLoRA adapter get its term from `ops.lora_add_masked` instead, on the tokens their offsets select."""
         result = self.base_layer(x, *args, **kwargs)
         groups = AdapterRowGroups.of(adapter_names)
         used = [name for name in groups.groups if name in self.lora_A]
         if not used or x.numel() == 0:
             return result
+        activated = [name for name in used if self.use_alora.get(name)]
+        if activated:
+            mask = token_mask_for(alora_offsets, result.shape[:-1], x.device)
+            for name in activated:
+                rows = groups.rows(name, x.device)
+                result[rows] = ops.lora_add_masked(
+                    result[rows], x[rows], *self._lora_weights([name]), training=self.training, token_mask=mask[rows]
+                )
+            self._record_backend("lora_add_masked")
+            if len(activated) == len(used):
+                return result
         bank = self.adapter_bank()
         bank.refresh(self, used, ops.multi_adapter_bank_dtype(x))
         x2d = x.reshape(-1, x.shape[-1])
@@ -416,7 +454,7 @@ class Linear(nn.Module, LoraLayer):
             bank.lora_B_bias,
             bank.scaling,
             bank.slot_spans,
-            bank.group_slot(groups.names, x.device),
+            bank.group_slot(groups.names, x.device, skip=tuple(activated)),
             layout.token_order,
             layout.tiles,
             layout.block_m,
@@ -428,18 +466,33 @@ class Linear(nn.Module, LoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
+        alora_offsets = kwargs.pop("alora_offsets", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+            return self._mixed_batch_forward(
+                x, *args, adapter_names=adapter_names, alora_offsets=alora_offsets, **kwargs
+            )
         active = self._present_active_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        if not self.cast_input_dtype_enabled:
-            return self._forward_through_modules(x, active, *args, **kwargs)
-        return self._forward_with_adapters(x, active, *args, **kwargs)
+        activated = [name for name in active if self.use_alora.get(name)]
+        plain = [name for name in active if name not in activated] if activated else active
+        if not plain:
+            result = self.base_layer(x, *args, **kwargs)
+        elif not self.cast_input_dtype_enabled:
+            result = self._forward_through_modules(x, plain, *args, **kwargs)
+        else:
+            result = self._forward_with_adapters(x, plain, *args, **kwargs)
+        if not activated:
+            return result
+        # HF PEFT's aLoRA term casts x to the adapter's dtype whatever cast_input_dtype_enabled says.
+        mask = token_mask_for(alora_offsets, result.shape[:-1], x.device)
+        result = ops.lora_add_masked(result, x, *self._lora_weights(activated), training=self.training, token_mask=mask)
+        self._record_backend("lora_add_masked")
+        return result
 
     def _forward_through_modules(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """HF PEFT's composition, calling lora_A and lora_B as modules on the uncast x: with input casting off, hooks

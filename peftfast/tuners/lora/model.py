@@ -19,9 +19,11 @@ from ...utils.mixed_batch import AdapterRowGroups
 from ...utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, input_embeddings_name
 from ...utils.warning import PeftWarning
 from ..tuners_utils import BaseTuner, BaseTunerLayer, replicate_layers
+from . import alora
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 from .config import LoraConfig
-from .layer import LoraLayer, dispatch_custom, dispatch_default
+from .layer import Linear, LoraLayer, dispatch_custom, dispatch_default
+from .mha import MultiheadAttention, dispatch_multihead_attention
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
@@ -30,6 +32,26 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
         if re.match(rf"(.*\.)?({pattern})$", key_to_match):
             return pattern
     return key_to_match
+
+
+def _has_alora_adapter(module: nn.Module) -> bool:
+    return isinstance(module, Linear) and any(module.use_alora.get(name) for name in module.lora_A)
+
+
+def _check_variants(config: LoraConfig, target: nn.Module, key: str) -> None:
+    """HF PEFT's refusals of LoRA variants, checked before the model is changed: aLoRA adapts Linear layers only,
+    and combines with no other variant."""
+    variants = alora.variant_fields(config)
+    if "alora_invocation_tokens" not in variants:
+        return
+    if len(variants) > 1:
+        raise ValueError(
+            f"Invalid or unsupported variant combination: {variants}: aLoRA (alora_invocation_tokens) combines with "
+            "no other LoRA variant (as in HF PEFT)."
+        )
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, (nn.Embedding, nn.modules.conv._ConvNd, nn.MultiheadAttention)):
+        raise alora.unsupported_target_error(key, base)
 
 
 def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -75,6 +97,7 @@ class LoraModel(BaseTuner):
             "lora_bias": config.lora_bias,
             "autocast_adapter_dtype": getattr(self, "_autocast_adapter_dtype", True),
         }
+        _check_variants(config, target, current_key)
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if config.lora_bias and not isinstance(base, nn.Embedding) and getattr(base, "bias", None) is None:
             warnings.warn(
@@ -83,6 +106,8 @@ class LoraModel(BaseTuner):
                 PeftWarning,
                 stacklevel=5,
             )
+        if config.alora_invocation_tokens:
+            kwargs["use_alora"] = True
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, **{k: v for k, v in kwargs.items() if k != "fan_in_fan_out"})
             if self._check_tied_module_exists(config, current_key):
@@ -186,7 +211,7 @@ class LoraModel(BaseTuner):
         # User-registered layer types go first, so they can also take over the types peftfast knows (HF PEFT's order).
         new_module = dispatch_custom(target, adapter_name, config, **kwargs)
         # bitsandbytes layers subclass nn.Linear: their dispatchers go before the default one.
-        for dispatcher in (dispatch_bnb_8bit, dispatch_bnb_4bit, dispatch_default):
+        for dispatcher in (dispatch_bnb_8bit, dispatch_bnb_4bit, dispatch_multihead_attention, dispatch_default):
             if new_module is None:
                 new_module = dispatcher(target, adapter_name, config, **kwargs)
         if new_module is None:
@@ -194,7 +219,8 @@ class LoraModel(BaseTuner):
             type_name = f"{type(base).__module__}.{type(base).__name__}"
             raise ValueError(
                 f"Target module {current_key!r} is a {type_name}, which LoRA does not support. Supported: "
-                "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, transformers.pytorch_utils.Conv1D. "
+                "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, transformers.pytorch_utils.Conv1D, "
+                "torch.nn.MultiheadAttention. "
                 "Leave it out of target_modules, or write a LoRA layer for it and register it with "
                 f"config._register_custom_module({{{type_name}: YourLoraLayer}}) (again before each load: the "
                 "mapping is not saved)."
@@ -223,12 +249,42 @@ class LoraModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Hand `adapter_names` (one per batch row) to every LoRA layer and modules_to_save wrapper for the duration
-        of one call. The rows are grouped by adapter once here, and every layer reuses that grouping."""
+        """Hand `adapter_names` (one per batch row) to every LoRA layer and modules_to_save wrapper, and
+        `alora_offsets` (one per row, see `alora`) to every layer with an aLoRA adapter, for the duration of one call.
+        Both are turned into one shared object here (rows grouped by adapter; offsets as a device tensor, token masks
+        built once per call), which every layer reuses."""
         adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
+        alora_offsets = kwargs.pop("alora_offsets", None)
+        if adapter_names is None and alora_offsets is None:
             yield
             return
+        handles = []
+        failed = False
+        try:
+            if alora_offsets is not None:
+                handles.extend(self._install_alora_offsets(alora_offsets, kwargs))
+            if adapter_names is not None:
+                handles.extend(self._install_adapter_names(adapter_names, kwargs))
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            alora.remove_handles(handles, failed=failed)
+
+    def _install_alora_offsets(self, offsets: Any, kwargs: dict[str, Any]) -> list[Any]:
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            raise ValueError("Beam search not yet supported for aLoRA (as in HF PEFT); use num_beams=1.")
+        device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), None)
+        offsets = alora.AloraOffsets.of(offsets, device=device)
+        repeats = kwargs.get("num_return_sequences")
+        if isinstance(repeats, int) and repeats > 1:
+            # generate repeats each input row num_return_sequences times.
+            offsets = offsets.repeat_rows(repeats)
+        return alora.install_offsets(self.model, offsets, _has_alora_adapter)
+
+    def _install_adapter_names(self, adapter_names: Any, kwargs: dict[str, Any]) -> list[Any]:
         if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
             raise TypeError(f"adapter_names must be a list of adapter names, one per batch row; got {adapter_names!r}.")
         if self.training:
@@ -256,11 +312,58 @@ class LoraModel(BaseTuner):
             if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
                 hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return handles
+
+    def alora_offsets_for_call(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """The aLoRA offsets of a causal LM `forward`/`generate` call with these arguments (see
+        `alora.offsets_for_call`): from `input_ids` (keyword, or the first positional argument), per row of
+        `adapter_names` when given; None when no adapter of the call is an aLoRA adapter."""
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and args and isinstance(args[0], torch.Tensor):
+            input_ids = args[0]
+        return alora.offsets_for_call(
+            self.peft_config,
+            self.active_adapters,
+            input_ids,
+            adapter_names=kwargs.get("adapter_names"),
+            has_inputs_embeds=kwargs.get("inputs_embeds") is not None,
+        )
+
+    def _refuse_alora_merge(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        # Checked for the whole model first, so that a refused merge leaves every layer as it was.
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        activated = [name for name in names if getattr(self.peft_config.get(name), "alora_invocation_tokens", None)]
+        if activated:
+            raise NotImplementedError(
+                f"aLoRA does not support {'safe ' if safe_merge else ''}merging (adapter(s) {activated}): an aLoRA "
+                "adapter acts on some tokens only, which no merged weight can do (as in HF PEFT)."
+            )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._refuse_alora_merge(adapter_names, safe_merge)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _tuner_layers(self) -> Iterator[BaseTunerLayer]:
+        # The out_proj layer of a LoRA MultiheadAttention is merged and unmerged by that attention layer.
+        owned = {
+            id(module.base_layer.out_proj) for module in self.model.modules() if isinstance(module, MultiheadAttention)
+        }
+        return (module for module in super()._tuner_layers() if id(module) not in owned)
+
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        if merge:
+            self._refuse_alora_merge(adapter_names, safe_merge)
+        attentions = [
+            module.get_base_layer() for module in self.model.modules() if isinstance(module, MultiheadAttention)
+        ]
+        model = super()._unload_and_optionally_merge(merge=merge, safe_merge=safe_merge, adapter_names=adapter_names)
+        # The attention layers are back, each still with its out_proj's LoRA layer: put the plain out_proj back too.
+        for attention in attentions:
+            if isinstance(attention.out_proj, BaseTunerLayer):
+                attention.out_proj = attention.out_proj.get_base_layer()
+        return model
 
     def _check_add_weighted_adapter(
         self, adapters: list[str], weights: list[float], combination_type: str, svd_rank: int | None
