@@ -265,3 +265,38 @@ def linear_with_replaced_rows(
 
 
 __all__ += ["embedding_with_replaced_rows", "linear_with_replaced_rows"]
+
+
+# LoRA on mixture-of-experts weights. `moe_lora` imports Triton only when a kernel runs.
+from . import moe_lora as _moe_lora  # noqa: E402
+
+dispatch.register("moe_lora_linear", "torch", reference.moe_lora_linear)
+dispatch.register(
+    "moe_lora_linear", "triton", _moe_lora.moe_lora_linear_triton, can_serve=_moe_lora.can_run_moe_lora_linear
+)
+
+
+def moe_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scaling: Sequence[float],
+    transposed: bool,
+) -> torch.Tensor:
+    """Semantics: y[g] = x[g] @ W_e.T + bias[e] + sum_i scaling[i] * x[g] @ A_i[e].T @ B_i[e].T for the rows
+    g = offsets[e-1]:offsets[e] of each expert e, W_e = weight[e], or weight[e].T when `transposed`.
+
+    Shapes: x [S, in], rows sorted by expert; weight [E, out, in] ([E, in, out] when transposed); bias [E, out] or
+    None; offsets [E] int32, cumulative row counts (grouped_mm's `offs`), offsets[E-1] = S; A_i [E, r_i, in];
+    B_i [E, out, r_i] (any strides). Returns [S, out] in the dtype of x @ W_e.T; the low-rank terms run in the adapter
+    weights' dtype. Nothing of size E x in x out is formed.
+    """
+    backend, implementation = dispatch.resolve("moe_lora_linear", x, weight, bias, offsets, lora_A, lora_B)
+    _last_backend["moe_lora_linear"] = backend
+    return implementation(x, weight, bias, offsets, lora_A, lora_B, scaling, transposed)
+
+
+__all__ += ["moe_lora_linear"]

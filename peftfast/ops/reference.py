@@ -7,6 +7,7 @@ base output's dtype.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -305,3 +306,122 @@ def linear_with_replaced_rows(
     result = F.linear(x, weight)
     # In place on a fresh product that autograd does not keep: an out-of-place copy would cost a [..., V] tensor.
     return result.index_copy_(-1, token_indices, F.linear(x, rows.to(weight.dtype)))
+
+
+def group_sizes(offsets: torch.Tensor, num_rows: int) -> list[int]:
+    """Rows per group from cumulative group ends `offsets` [E] (`torch.nn.functional.grouped_mm`'s `offs`), checked
+    to be non-decreasing and to end at `num_rows`. One device-to-host copy."""
+    ends = offsets.tolist()
+    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends)]
+    if any(size < 0 for size in sizes) or (ends[-1] if ends else 0) != num_rows:
+        raise ValueError(
+            f"Group offsets {ends} must be non-decreasing cumulative row counts ending at the {num_rows} rows of x."
+        )
+    return sizes
+
+
+class _MoeLoraLinear(torch.autograd.Function):
+    """`moe_lora_linear` with one GEMM (plus one per adapter) per expert on its own rows, written into preallocated
+    outputs, and a backward that does the same for dX, dA, dB (and dW, dbias when they require grad): no
+    per-expert autograd nodes, concatenations or gradient copies, which cost as much as the low-rank GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes, transposed, scaling, *factors):
+        num_adapters = len(scaling)
+        # Contiguous per-expert factors: HF PEFT's B layout interleaves the experts' columns (expert e owns columns
+        # e, e + E, ...), and a BLAS call on such a strided slice copies it on every use; one copy of B here is less.
+        lora_A = [A.contiguous() for A in factors[:num_adapters]]
+        lora_B = [B.contiguous() for B in factors[num_adapters:]]
+        out_features = weight.shape[2] if transposed else weight.shape[1]
+        y = x.new_empty(x.shape[0], out_features, dtype=torch.promote_types(x.dtype, weight.dtype))
+        shrunk = [x.new_empty(x.shape[0], A.shape[1], dtype=A.dtype) for A in lora_A]
+        for e, (start, end) in enumerate(_group_spans(sizes)):
+            if start == end:
+                continue
+            x_e, y_e = x[start:end], y[start:end]
+            torch.mm(x_e, weight[e] if transposed else weight[e].T, out=y_e)
+            if bias is not None:
+                y_e += bias[e]
+            # The low-rank terms in the adapters' dtype, added to the base output in that dtype, then cast back once.
+            acc = y_e
+            for A, B, t, s in zip(lora_A, lora_B, shrunk, scaling):
+                torch.mm(x_e.to(A.dtype), A[e].T, out=t[start:end])
+                acc = acc.to(t.dtype) if acc.dtype != t.dtype else acc
+                acc.addmm_(t[start:end], B[e].T, alpha=s)
+            if acc is not y_e:
+                y_e.copy_(acc)
+        ctx.save_for_backward(x, weight, *lora_A, *lora_B, *shrunk)
+        ctx.sizes, ctx.transposed, ctx.scaling, ctx.has_bias = sizes, transposed, scaling, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, *saved = ctx.saved_tensors
+        n = len(ctx.scaling)
+        lora_A, lora_B, shrunk = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        needs_x, needs_w, needs_bias = ctx.needs_input_grad[:3]
+        needs_factors = ctx.needs_input_grad[6:]
+        grad_y = grad_y.contiguous()
+        # The groups cover every row of x; only the per-expert gradients of experts without rows stay zero.
+        grad_x = torch.empty_like(x) if needs_x else None
+        grad_w = torch.empty_like(weight) if needs_w else None
+        grad_bias = grad_y.new_empty(weight.shape[0], grad_y.shape[1]) if needs_bias else None
+        grad_A = [torch.empty_like(A) for A in lora_A]
+        grad_B = [torch.empty_like(B) for B in lora_B]
+        for e, (start, end) in enumerate(_group_spans(ctx.sizes)):
+            if start == end:
+                for grad in (grad_w, grad_bias, *grad_A, *grad_B):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            dy_e, x_e = grad_y[start:end], x[start:end]
+            if needs_x:
+                torch.mm(dy_e, weight[e].T if ctx.transposed else weight[e], out=grad_x[start:end])
+            if needs_w:
+                if ctx.transposed:
+                    torch.mm(x_e.T, dy_e, out=grad_w[e])
+                else:
+                    torch.mm(dy_e.T, x_e, out=grad_w[e])
+            if needs_bias:
+                torch.sum(dy_e, dim=0, out=grad_bias[e])
+            for A, B, t, s, dA, dB in zip(lora_A, lora_B, shrunk, ctx.scaling, grad_A, grad_B):
+                dy_l = dy_e.to(A.dtype)
+                grad_t = torch.mm(dy_l, B[e]).mul_(s)
+                torch.mm(dy_l.T, t[start:end], out=dB[e])
+                dB[e].mul_(s)
+                torch.mm(grad_t.T, x_e.to(A.dtype), out=dA[e])
+                if needs_x:
+                    grad_x[start:end] += (grad_t @ A[e]).to(grad_x.dtype)
+        grads_factors = [g if needed else None for g, needed in zip([*grad_A, *grad_B], needs_factors)]
+        return grad_x, grad_w, grad_bias, None, None, None, *grads_factors
+
+
+def _group_spans(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(sizes))
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def moe_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scaling: Sequence[float],
+    transposed: bool,
+) -> torch.Tensor:
+    """Semantics: for each group (expert) e, with rows g = offsets[e-1]:offsets[e] (from 0 for e = 0):
+    y[g] = x[g] @ W_e.T + bias[e] + sum_i scaling[i] * x[g] @ A_i[e].T @ B_i[e].T, W_e = weight[e] ([out, in]), or
+    weight[e].T when `transposed` (weight [E, in, out]). The low-rank terms run in the adapter weights' dtype.
+
+    Shapes: x [S, in], rows sorted by group; weight [E, out, in] ([E, in, out] when transposed); bias [E, out] or None;
+    offsets [E] int, cumulative ends, offsets[E-1] = S; A_i [E, r_i, in]; B_i [E, out, r_i]. Returns [S, out] in the
+    dtype of x @ W_e.T.
+
+    One GEMM pair per expert on its own rows: nothing of size E x in x out is built.
+    """
+    sizes = group_sizes(offsets, x.shape[0])
+    if len(lora_A) != len(lora_B) or len(lora_A) != len(scaling):
+        raise ValueError(f"Got {len(lora_A)} A, {len(lora_B)} B factors and {len(scaling)} scalings; pass one each.")
+    return _MoeLoraLinear.apply(x, weight, bias, sizes, transposed, tuple(scaling), *lora_A, *lora_B)
