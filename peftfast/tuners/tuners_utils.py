@@ -95,6 +95,9 @@ def check_target_module_exists(config: PeftConfig, key: str) -> bool | _Excluded
         return _ExcludedModule()
 
     targets = config.target_modules
+    if targets is None:
+        # Only `target_parameters` (HF PEFT lets target_modules stay None then).
+        return False
     if isinstance(targets, str):
         return match_target_against_key(targets, key)
     if key in targets:
@@ -114,7 +117,7 @@ def _check_layers_to_transform(config: PeftConfig, keys: list[str], matched: lis
     """Say which `layers_to_transform` indices name no layer of the model: a ValueError when that leaves nothing to
     adapt, a warning when other layers were found."""
     wanted = getattr(config, "layers_to_transform", None)
-    if wanted is None or isinstance(config.target_modules, str):
+    if wanted is None or config.target_modules is None or isinstance(config.target_modules, str):
         return
     wanted = [wanted] if isinstance(wanted, int) else list(wanted)
     if not wanted:
@@ -147,8 +150,9 @@ def _check_layers_to_transform(config: PeftConfig, keys: list[str], matched: lis
 def _warn_unmatched_patterns(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
     """Warn about `rank_pattern` / `alpha_pattern` keys that match no module carrying the adapter (as HF PEFT does;
     the same `(.*\\.)?(KEY)$` matching that picks a module's rank)."""
+    # A layer on a parameter (target_parameters) is matched by the parameter's key, "<module>.<parameter>".
     targeted = [
-        name
+        f"{_without_base_layers(name)}.{module.parameter_name}" if hasattr(module, "parameter_name") else name
         for name, module in model.named_modules()
         if isinstance(module, BaseTunerLayer) and adapter_name in module._get_available_adapters()
     ]
@@ -162,6 +166,48 @@ def _warn_unmatched_patterns(model: nn.Module, config: PeftConfig, adapter_name:
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+def _without_base_layers(name: str) -> str:
+    """The name a module had before adapter layers wrapped it: "mlp.experts.base_layer.base_layer" -> "mlp.experts"."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def _is_adapter_internal(name: str, tuner_layers: set[str]) -> bool:
+    """Whether module `name` is an adapter layer's own state: inside it, other than along its `base_layer` chain."""
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        if ".".join(parts[:depth]) in tuner_layers and parts[depth] != "base_layer":
+            return True
+    return False
+
+
+def parameter_targets(model: nn.Module, config: PeftConfig) -> list[tuple[str, str, str]]:
+    """(module name, parameter name, parameter key) of each `nn.Parameter` that `config.target_parameters` selects,
+    with HF PEFT's matching: the key "<module>.<parameter>" (module names as before any adapter wrapped them) equals an
+    entry or ends in "." + entry. Modules come in `named_modules` order, a module's parameters in registration order
+    (HF PEFT's order, which decides how the wrappers of several parameters of one module nest). Adapter weights and
+    what auxiliary wrappers hold (modules_to_save copies, trainable tokens) are never targets."""
+    targets = sorted(set(getattr(config, "target_parameters", None) or ()))
+    if not targets:
+        return []
+    modules = modules_outside_wrappers(model)
+    tuner_layers = {name for name, module in modules if isinstance(module, BaseTunerLayer)}
+    found: list[tuple[str, str, str]] = []
+    for name, module in modules:
+        if _is_adapter_internal(name, tuner_layers):
+            continue
+        unwrapped = _without_base_layers(name)
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"{unwrapped}.{param_name}" if unwrapped else param_name
+            if key in targets or any(key.endswith(f".{target}") for target in targets):
+                if not unwrapped:
+                    raise ValueError(
+                        f"target_parameters selects {param_name!r}, a parameter of the top-level module; only "
+                        "parameters of submodules can be targeted (as in HF PEFT)."
+                    )
+                found.append((unwrapped, param_name, key))
+    return found
 
 
 def _linear_module_names(model: nn.Module, config: PeftConfig) -> set[str]:
@@ -375,6 +421,7 @@ class BaseTuner(nn.Module):
         rollback = ModuleTreeRollback(model)
         self.model = model
         self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []
         try:
             if not hasattr(self, "peft_config"):
                 self.peft_config = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
@@ -408,6 +455,8 @@ class BaseTuner(nn.Module):
     def _prepare_adapter_config(self, config: PeftConfig, model: nn.Module) -> PeftConfig:
         if getattr(config, "target_modules", None) is None:
             model_type = _model_type(model)
+            if model_type not in self.default_target_modules and getattr(config, "target_parameters", None):
+                return config
             if model_type not in self.default_target_modules:
                 raise ValueError(
                     "target_modules is not set and peftfast has no default targets for "
@@ -634,16 +683,32 @@ class BaseTuner(nn.Module):
             elif result:
                 matched.append(key)
         _check_layers_to_transform(config, key_list, matched)
-        if not matched:
+        parameters = parameter_targets(model, config)
+        targets = config.target_modules
+        targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+        if not matched and not parameters:
             sample = [key for key in key_list if key][:8]
-            targets = config.target_modules
-            targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
             detail = f" ({len(excluded)} matching module(s) were excluded)" if excluded else ""
+            if getattr(config, "target_parameters", None):
+                sample = [name for name, _ in model.named_parameters()][:8]
+                raise NoMatchingPeftModuleError(
+                    f"Neither target_modules {targets} nor target_parameters {config.target_parameters} matched "
+                    f"anything in the base model{detail}. Parameter names look like: {sample}. Check "
+                    "target_parameters (parameter names or name suffixes, e.g. 'experts.gate_up_proj')."
+                )
             raise NoMatchingPeftModuleError(
                 f"Target modules {targets} not found in the base model{detail}. Module names look like: {sample}. "
                 "Check target_modules (names, name suffixes, or a regex matching the full name)."
             )
         matched.extend(tied)
+        if getattr(config, "target_parameters", None) and not parameters:
+            warnings.warn(
+                f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif targets and not matched:
+            warnings.warn(f"target_modules={targets} were set but no module was matched.", RuntimeWarning, stacklevel=4)
         for key in matched:
             parent, target, target_name = get_submodules(model, key)
             replacements.append((key, parent, target, target_name))
@@ -654,7 +719,16 @@ class BaseTuner(nn.Module):
         with init_empty_weights() if low_cpu_mem_usage else nullcontext():
             for key, parent, target, target_name in replacements:
                 self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+            for module_name, param_name, key in parameters:
+                # The module at that path now, wrapped by the previous parameter's ParamWrapper if any.
+                parent, target, target_name = get_submodules(model, module_name)
+                self._create_and_replace(
+                    config, adapter_name, target, target_name, parent, current_key=key, parameter_name=param_name
+                )
         self.targeted_module_names.extend(key for key in matched if key not in self.targeted_module_names)
+        self.targeted_parameter_names.extend(
+            key for _, _, key in parameters if key not in self.targeted_parameter_names
+        )
         # A layer created for this adapter starts with it active: make every layer follow the tuner's active adapters
         # (a new adapter is inactive unless it is the first one) and freeze whatever is not active.
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -832,7 +906,10 @@ class BaseTuner(nn.Module):
                 parent, target, target_name = get_submodules(self.model, key)
             except AttributeError:
                 continue
-            if isinstance(target, BaseTunerLayer):
+            if isinstance(target, BaseTunerLayer) and hasattr(target, "unload_and_optionally_merge_module"):
+                # Adapter layers that nest (ParamWrapper) unload their whole chain.
+                setattr(parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names))
+            elif isinstance(target, BaseTunerLayer):
                 if merge:
                     target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 base = target.get_base_layer()

@@ -200,6 +200,11 @@ def _to_model_key(key: str, adapter_name: str, prefix: str, wrapper_keys: dict[s
     return f"{head}{prefix}{parameter_holder}.{adapter_name}.{rest}"
 
 
+# A LoRA weight of one expert's own layer, as transformers v4 MoE models had them (Mixtral: experts.3.w1, Qwen-MoE:
+# experts.3.gate_proj).
+_V4_EXPERT_KEY = re.compile(r"\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.lora_")
+
+
 @dataclass
 class _AdapterLoad:
     """What loading a file's tensors into an adapter will write, worked out and checked before anything is."""
@@ -259,6 +264,16 @@ def _plan_adapter_load(
             continue
         _check_loadable(model_key, value, target.dtype, is_parameter=model_key in parameter_names)
         tensors[model_key] = value
+    per_expert = [key for key in unexpected.values() if _V4_EXPERT_KEY.search(key)]
+    if per_expert:
+        # HF PEFT converts these with transformers' checkpoint conversion (the two halves of gate_up_proj joined per
+        # expert); peftfast does not.
+        raise NotImplementedError(
+            f"The adapter has weights for per-expert layers such as {per_expert[0]!r}: it was trained on a "
+            "transformers v4 MoE model, whose experts transformers v5 fused into 3-D parameters. Converting such "
+            "adapter weights is not implemented in peftfast; load it with HF PEFT, or train the adapter with "
+            "target_parameters on the v5 model. Nothing was loaded."
+        )
     own_adapter = _adapter_key_pattern(prefix, adapter_name)
     expected = {key for key in model_state if own_adapter.search(key)} | set(wrapper_keys.values())
     missing = [key for key in model_state if key in expected and key not in tensors]

@@ -4,6 +4,7 @@ from .conversion import convert_to_lora, save_as_lora
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .mha import MultiheadAttention
 from .model import LoraModel
+from .param_wrapper import ParamWrapper
 
 __all__ = [
     "Conv1d",
@@ -15,6 +16,7 @@ __all__ = [
     "LoraLayer",
     "LoraModel",
     "MultiheadAttention",
+    "ParamWrapper",
     "convert_to_lora",
     "save_as_lora",
 ]

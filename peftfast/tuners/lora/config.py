@@ -26,7 +26,6 @@ _UNSUPPORTED_WHEN_SET = {
     "velora_config": None,
     "monteclora_config": None,
     "megatron_config": None,
-    "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
@@ -46,7 +45,10 @@ class LoraConfig(PeftConfig):
     deeper model whose repeated layers share base weights, each with its own LoRA), `ensure_weight_tying` (an output
     layer tied to the input embeddings gets the embeddings' modules_to_save copy / LoRA / trainable rows),
     `alora_invocation_tokens` (aLoRA: the token ids of the invocation sequence; the adapter acts on each row from its
-    last occurrence on, see `peftfast.tuners.lora.alora`).
+    last occurrence on, see `peftfast.tuners.lora.alora`), `target_parameters` (names or name suffixes of
+    `nn.Parameter`s, e.g. the 3-D expert weights `["experts.gate_up_proj", "experts.down_proj"]` of transformers' MoE
+    models; as in HF PEFT, with `target_modules=None` the model type's default target modules still apply, except on
+    the MoE models whose targets HF PEFT rewrites (`moe_targets`); `target_modules=[]` targets parameters only).
     """
 
     _peft_type = PeftType.LORA
@@ -106,6 +108,11 @@ class LoraConfig(PeftConfig):
                 )
         _check_lora_fields(self)
         _check_alora_invocation_tokens(self)
+        if isinstance(self.target_parameters, str):
+            raise TypeError(
+                "target_parameters must be a list of parameter names (or None), not the string "
+                f"{self.target_parameters!r}."
+            )
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         for pattern, rank in self.rank_pattern.items():

@@ -128,15 +128,19 @@ class LoraLayer(BaseTunerLayer):
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
 
+    def _adapter_reference_weight(self) -> torch.Tensor | None:
+        """The base weight whose device and dtype the adapter weights follow."""
+        for weight_name in ("weight", "qweight", "in_proj_weight"):
+            base_weight = getattr(self.get_base_layer(), weight_name, None)
+            if base_weight is not None:
+                return base_weight
+        return None
+
     def _move_adapter_to_base(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
         """Put an adapter on the base weight's device and dtype, except that under `autocast_adapter_dtype` an
         fp16/bf16 base gets fp32 adapter weights (HF PEFT's default, for stable training). Adapter weights still on
         the meta device (`low_cpu_mem_usage`, not loaded yet) are left there."""
-        base_weight = None
-        for weight_name in ("weight", "qweight", "in_proj_weight"):
-            base_weight = getattr(self.get_base_layer(), weight_name, None)
-            if base_weight is not None:
-                break
+        base_weight = self._adapter_reference_weight()
         if base_weight is None or base_weight.device.type == "meta":
             return
         device, dtype = base_weight.device, base_weight.dtype
@@ -798,3 +802,12 @@ def dispatch_custom(target: nn.Module, adapter_name: str, lora_config: Any, **kw
         if isinstance(base, base_type):
             return layer_cls(target, adapter_name, config=lora_config, **kwargs)
     return None
+
+
+def __getattr__(name: str) -> Any:
+    # HF PEFT users import ParamWrapper from this module; it lives in param_wrapper.py, which imports this one.
+    if name == "ParamWrapper":
+        from .param_wrapper import ParamWrapper
+
+        return ParamWrapper
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

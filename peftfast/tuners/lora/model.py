@@ -24,6 +24,8 @@ from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 from .config import LoraConfig
 from .layer import Linear, LoraLayer, dispatch_custom, dispatch_default
 from .mha import MultiheadAttention, dispatch_multihead_attention
+from .moe_targets import convert_v4_moe_targets
+from .param_wrapper import ParamWrapper
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
@@ -84,6 +86,8 @@ class LoraModel(BaseTuner):
         target_name: str,
         parent: nn.Module,
         current_key: str,
+        *,
+        parameter_name: str | None = None,
     ) -> None:
         r_key = get_pattern_key(config.rank_pattern.keys(), current_key)
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
@@ -98,6 +102,11 @@ class LoraModel(BaseTuner):
             "autocast_adapter_dtype": getattr(self, "_autocast_adapter_dtype", True),
         }
         _check_variants(config, target, current_key)
+        if parameter_name is not None:
+            self._create_and_replace_parameter(
+                adapter_name, target, target_name, parent, current_key, parameter_name, kwargs
+            )
+            return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if config.lora_bias and not isinstance(base, nn.Embedding) and getattr(base, "bias", None) is None:
             warnings.warn(
@@ -203,6 +212,55 @@ class LoraModel(BaseTuner):
                     targets.remove(name)
                     break
         config.target_modules = targets
+
+    def _create_and_replace_parameter(
+        self,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Put `adapter_name` on the parameter `parameter_name` of `target` (the module now at that path, possibly
+        already wrapped): into the ParamWrapper of that parameter if there is one (a further adapter), else into a
+        new ParamWrapper around `target` (HF PEFT's nesting: the parameter targeted last is outermost)."""
+        module = target
+        while isinstance(module, ParamWrapper):
+            if module.parameter_name == parameter_name:
+                module.update_layer(adapter_name, **{k: v for k, v in kwargs.items() if k != "fan_in_fan_out"})
+                return
+            module = module.base_layer
+        if isinstance(module, BaseTunerLayer):
+            raise ValueError(
+                f"Can't put LoRA on the parameter {current_key!r} (target_parameters): its module is a "
+                f"{type(module).__name__} adapter layer already, from target_modules. Target the module or its "
+                "parameter, not both."
+            )
+        new_module = ParamWrapper(
+            target, adapter_name, parameter_name=parameter_name, target_name=current_key, **kwargs
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        # Before anything looks at the targets, as HF PEFT: on transformers v5 MoE models, v4 expert layer names
+        # become target_parameters.
+        convert_v4_moe_targets(config, self.model)
+        super()._check_new_adapter_config(config)
+        # Which parameter a ParamWrapper adapts is its place in the nesting, which is part of the state_dict keys:
+        # adapters that targeted different parameters would nest differently (HF PEFT has the same rule).
+        if not config.target_parameters:
+            return
+        wanted = set(config.target_parameters)
+        for name, other in self.peft_config.items():
+            if other is not config and other.target_parameters and set(other.target_parameters) != wanted:
+                raise ValueError(
+                    "All adapters that use target_parameters must target the same parameters (as in HF PEFT), but "
+                    f"the new adapter has {sorted(wanted)} and adapter {name!r} has {sorted(other.target_parameters)}."
+                )
 
     @staticmethod
     def _create_new_module(
@@ -373,6 +431,12 @@ class LoraModel(BaseTuner):
         missing = [name for name in adapters if name not in self.peft_config]
         if missing:
             raise ValueError(f"Adapter(s) {missing} do not exist; available: {list(self.peft_config)}.")
+        on_parameters = [name for name in adapters if self.peft_config[name].target_parameters]
+        if on_parameters:
+            raise ValueError(
+                f"add_weighted_adapter can't combine adapters that use target_parameters ({on_parameters}), as in HF "
+                "PEFT."
+            )
         if not adapters:
             raise ValueError("add_weighted_adapter needs at least one adapter to combine.")
         if len(weights) != len(adapters):
