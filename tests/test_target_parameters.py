@@ -316,7 +316,7 @@ def test_moe_block_matches_hf_peft(name, implementation, extra):
     for key in grads:
         assert_close(grads[key], grads_hf[key], kind="kernel")
     experts = ours.base_model.model.experts
-    assert isinstance(experts, ParamWrapper) and experts.last_backend == "torch"
+    assert isinstance(experts, ParamWrapper) and experts.last_backend == experts.base_layer.last_backend == "torch"
     # Disabled, the experts module runs its own implementation; transformers' grouped_mm needs 16-byte aligned rows on
     # CPU, which these odd sizes don't have.
     _set_experts_implementation(ours, "eager")
@@ -659,3 +659,25 @@ def test_block_trains_the_same_on_the_triton_backend():
     torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
     for name, value in results["torch"][1].items():
         assert_close(results["triton"][1][name], value, kind="kernel")
+
+
+def test_moe_benchmark_runs_and_writes_its_rows(tmp_path, monkeypatch, capsys):
+    import csv
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_moe.py"
+    spec = importlib.util.spec_from_file_location("bench_moe", path)
+    bench_moe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_moe)
+    threads = torch.get_num_threads()
+    argv = ["bench_moe.py", "--blocks", "gpt_oss", "--tokens", "16", "--hidden", "32", "--rank", "4", "--repeats", "2"]
+    monkeypatch.setattr("sys.argv", [*argv, "--warmup", "0", "--output-dir", str(tmp_path)])
+    try:
+        assert bench_moe.main() == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = list(csv.DictReader((tmp_path / "moe-cpu.csv").open()))
+    assert [row["provider"] for row in rows] == ["frozen", "hf_peft", "peftfast"]
+    assert all(float(row["median_ms"]) > 0 and row["block"] == "gpt_oss" for row in rows)
+    assert "peftfast" in capsys.readouterr().out

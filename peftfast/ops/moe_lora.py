@@ -36,11 +36,16 @@ def moe_lora_add_fwd(
     block_m = _block_m(x)
     tiles = kernels.group_tiles(offsets, x.shape[0], block_m)
     dot_dtype = autograd._dot_dtype(x)
-    out = base.clone()
+    # The tiles cover every row (offsets end at S), so the first expand writes all of `out` from `base`; later
+    # adapters add into it in place.
+    out = torch.empty_like(base)
     shrunk = []
-    for A, B, s in zip(lora_A, lora_B, scaling):
+    for index, (A, B, s) in enumerate(zip(lora_A, lora_B, scaling)):
         t = kernels.grouped_matmul(x, A.transpose(1, 2), tiles, block_m, dot_dtype=dot_dtype)
-        kernels.grouped_matmul(t, B.transpose(1, 2), tiles, block_m, scale=s, base=out, out=out, dot_dtype=dot_dtype)
+        previous = base if index == 0 else out
+        kernels.grouped_matmul(
+            t, B.transpose(1, 2), tiles, block_m, scale=s, base=previous, out=out, dot_dtype=dot_dtype
+        )
         shrunk.append(t)
     return out, shrunk
 

@@ -339,9 +339,11 @@ class _MoeLoraLinear(torch.autograd.Function):
             if start == end:
                 continue
             x_e, y_e = x[start:end], y[start:end]
-            torch.mm(x_e, weight[e] if transposed else weight[e].T, out=y_e)
-            if bias is not None:
-                y_e += bias[e]
+            w_e = weight[e] if transposed else weight[e].T
+            if bias is None:
+                torch.mm(x_e, w_e, out=y_e)
+            else:
+                torch.addmm(bias[e], x_e, w_e, out=y_e)
             # The low-rank terms in the adapters' dtype, added to the base output in that dtype, then cast back once.
             acc = y_e
             for A, B, t, s in zip(lora_A, lora_B, shrunk, scaling):
@@ -386,11 +388,13 @@ class _MoeLoraLinear(torch.autograd.Function):
                 torch.sum(dy_e, dim=0, out=grad_bias[e])
             for A, B, t, s, dA, dB in zip(lora_A, lora_B, shrunk, ctx.scaling, grad_A, grad_B):
                 dy_l = dy_e.to(A.dtype)
-                grad_t = torch.mm(dy_l, B[e]).mul_(s)
-                torch.mm(dy_l.T, t[start:end], out=dB[e])
-                dB[e].mul_(s)
+                # beta=0 ignores the (uninitialised) input: these are s * (product), written once.
+                grad_t = torch.addmm(t[start:end], dy_l, B[e], beta=0, alpha=s)
+                torch.addmm(dB[e], dy_l.T, t[start:end], beta=0, alpha=s, out=dB[e])
                 torch.mm(grad_t.T, x_e.to(A.dtype), out=dA[e])
-                if needs_x:
+                if needs_x and grad_x.dtype == grad_t.dtype:
+                    grad_x[start:end].addmm_(grad_t, A[e])
+                elif needs_x:
                     grad_x[start:end] += (grad_t @ A[e]).to(grad_x.dtype)
         grads_factors = [g if needed else None for g, needed in zip([*grad_A, *grad_B], needs_factors)]
         return grad_x, grad_w, grad_bias, None, None, None, *grads_factors

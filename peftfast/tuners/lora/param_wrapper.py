@@ -229,6 +229,7 @@ class ParamWrapper(nn.Module, LoraLayer):
         routing = routing_arguments(contract, module, (x, *args), kwargs) if contract is not None else None
         factors: dict[str, Factors] = {}
         dense: dict[str, torch.Tensor] = {}
+        grouped, materialised = [], []
         for wrapper in self._chain():
             adapters = wrapper._applied_adapters()
             if not adapters:
@@ -237,17 +238,24 @@ class ParamWrapper(nn.Module, LoraLayer):
                 pairs = [wrapper.expert_factors(name) for name in adapters]
                 scalings = [wrapper.scaling[name] for name in adapters]
                 factors[wrapper.parameter_name] = ([A for A, _ in pairs], [B for _, B in pairs], scalings)
+                grouped.append(wrapper)
             else:
                 dense[wrapper.parameter_name] = wrapper.get_param() + sum(
                     wrapper.get_delta_weight(name) for name in adapters
                 )
+                materialised.append(wrapper)
         if factors:
             result = lora_experts_forward(module, contract, *routing, dense, factors)
-            self._record_backend("moe_lora_linear")
-            return result
-        if dense:
-            return functional_call(module, dense, (x, *args), kwargs, strict=False)
-        return module(x, *args, **kwargs)
+        elif dense:
+            result = functional_call(module, dense, (x, *args), kwargs, strict=False)
+        else:
+            return module(x, *args, **kwargs)
+        for wrapper in grouped:
+            wrapper._record_backend("moe_lora_linear")
+        for wrapper in materialised:
+            # HF PEFT's formulation: plain torch ops.
+            wrapper.__dict__["last_backend"] = "torch"
+        return result
 
     def __repr__(self) -> str:
         rep = nn.Module.__repr__(self)
