@@ -18,6 +18,7 @@ parallelism, ...) there is no call to attach the low-rank term to, and `ParamWra
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -58,14 +59,20 @@ def experts_contract(module: nn.Module) -> ExpertsContract | None:
         return None
     if up.shape[0] != module.num_experts or down.shape[0] != module.num_experts:
         return None
-    forward = getattr(type(module).forward, "__wrapped__", type(module).forward)
-    try:
-        signature = inspect.signature(forward)
-    except (TypeError, ValueError):
-        return None
-    if len(signature.parameters) < 4:
+    signature = _forward_signature(type(module))
+    if signature is None or len(signature.parameters) < 4:
         return None
     return ExpertsContract(up_name=up_name, down_name="down_proj", forward_signature=signature)
+
+
+@functools.cache
+def _forward_signature(cls: type) -> inspect.Signature | None:
+    # The decorator wraps forward (functools.wraps); the signature to bind a call against is the model's own.
+    forward = getattr(cls.forward, "__wrapped__", cls.forward)
+    try:
+        return inspect.signature(forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def routing_arguments(
@@ -73,11 +80,14 @@ def routing_arguments(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(hidden_states, top_k_index, top_k_weights) of a call to the module's forward, or None when the call doesn't
     bind to exactly those three (then it isn't the contract's call)."""
-    try:
-        bound = contract.forward_signature.bind(module, *args, **kwargs)
-    except TypeError:
-        return None
-    values = list(bound.arguments.values())[1:]
+    if kwargs or len(args) != 3:
+        try:
+            values = list(contract.forward_signature.bind(module, *args, **kwargs).arguments.values())[1:]
+        except TypeError:
+            return None
+    else:
+        # How transformers' MoE blocks call their experts: all positional, no binding needed.
+        values = list(args)
     if len(values) != 3 or not all(isinstance(value, torch.Tensor) for value in values):
         return None
     hidden_states, top_k_index, top_k_weights = values

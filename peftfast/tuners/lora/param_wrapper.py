@@ -152,6 +152,7 @@ class ParamWrapper(nn.Module, LoraLayer):
         return delta.to(param.device, param.dtype if param.dtype in _FLOAT_DTYPES else delta.dtype)
 
     # Merging: the parameter's data += delta, tracked in merged_adapters.
+    @torch.no_grad()
     def _check_safe_merge(self, adapter_names: list[str] | None, layer_name: str) -> None:
         weight = self.get_param().data
         for adapter in self._adapters_to_merge(adapter_names, warn=False):
@@ -162,6 +163,7 @@ class ParamWrapper(nn.Module, LoraLayer):
                     f"{layer_name!r}; nothing was merged. The adapter weights are probably broken."
                 )
 
+    @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' deltas (the active ones when `adapter_names` is None) into the parameter. With
         `safe_merge`, each merged value is checked for NaN/inf first and the parameter left as it was on a bad one."""
@@ -180,6 +182,7 @@ class ParamWrapper(nn.Module, LoraLayer):
                 param.data += delta
             self.merged_adapters.append(adapter)
 
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the merged deltas again, last merged first."""
         param = self.get_param()
