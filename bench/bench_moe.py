@@ -19,7 +19,7 @@ CPU timing: `--threads` torch threads (1 by default), the providers taking turns
 warm-up) so that load from other processes hits all of them alike; reported are the median wall time and the median
 process CPU time per step (the CPU time is what a busy shared machine changes least), and each provider's ratios to
 the frozen block and to HF PEFT. On a GPU each provider is timed with
-`triton.testing.do_bench` instead. Rows are appended to bench/results/moe-<device>.csv.
+`triton.testing.do_bench` instead. Rows are appended to <output-dir>/moe-<device>.csv (see `--help`).
 
     python bench/bench_moe.py                    # all three blocks
     python bench/bench_moe.py --blocks mixtral --tokens 256 --repeats 5
@@ -36,13 +36,19 @@ import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from peftfast import ops
-from peftfast.bench import ENVIRONMENT_COLUMNS, append_csv, environment, results_slug, time_fn
+from peftfast.bench import (
+    ENVIRONMENT_COLUMNS,
+    add_output_dir_argument,
+    append_csv,
+    environment,
+    results_slug,
+    time_fn,
+)
 
 COLUMNS = ENVIRONMENT_COLUMNS + (
     "block",
@@ -245,7 +251,7 @@ def main() -> int:
         help="torch CPU threads (default 1: on a shared machine a parallel region waits for its slowest thread, so "
         "timings with more threads measure the other processes' load more than the code)",
     )
-    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_output_dir_argument(parser)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

@@ -802,12 +802,3 @@ def dispatch_custom(target: nn.Module, adapter_name: str, lora_config: Any, **kw
         if isinstance(base, base_type):
             return layer_cls(target, adapter_name, config=lora_config, **kwargs)
     return None
-
-
-def __getattr__(name: str) -> Any:
-    # HF PEFT users import ParamWrapper from this module; it lives in param_wrapper.py, which imports this one.
-    if name == "ParamWrapper":
-        from .param_wrapper import ParamWrapper
-
-        return ParamWrapper
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
