@@ -908,7 +908,8 @@ class BaseTuner(nn.Module):
                 continue
             if isinstance(target, BaseTunerLayer) and hasattr(target, "unload_and_optionally_merge_module"):
                 # Adapter layers that nest (ParamWrapper) unload their whole chain.
-                setattr(parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names))
+                unloaded = target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
+                setattr(parent, target_name, unloaded)
             elif isinstance(target, BaseTunerLayer):
                 if merge:
                     target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
