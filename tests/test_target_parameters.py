@@ -605,12 +605,13 @@ def test_parameters_of_other_modules_use_hf_peft_formulation():
         ({"lora_dropout": 0.1}, "lora_dropout"),
         ({"lora_bias": True}, "lora_bias"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"alora_invocation_tokens": [3, 4]}, "LoRA variants"),
         (
             {"target_parameters": ["shared_expert_gate.weight"], "target_modules": ["shared_expert_gate"]},
             "adapter layer already",
         ),
     ],
-    ids=["dropout", "lora_bias", "fan_in_fan_out", "module-and-its-parameter"],
+    ids=["dropout", "lora_bias", "fan_in_fan_out", "alora", "module-and-its-parameter"],
 )
 def test_refused_like_hf_peft_and_model_left_unchanged(overrides, message):
     base = _block("qwen2_moe")

@@ -101,12 +101,18 @@ class LoraModel(BaseTuner):
             "lora_bias": config.lora_bias,
             "autocast_adapter_dtype": getattr(self, "_autocast_adapter_dtype", True),
         }
-        _check_variants(config, target, current_key)
         if parameter_name is not None:
+            variants = alora.variant_fields(config)
+            if variants:
+                raise ValueError(
+                    f"LoRA on the parameter {current_key!r} (target_parameters) does not work with LoRA variants, "
+                    f"but the config turns on {list(variants)} (as in HF PEFT)."
+                )
             self._create_and_replace_parameter(
                 adapter_name, target, target_name, parent, current_key, parameter_name, kwargs
             )
             return
+        _check_variants(config, target, current_key)
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if config.lora_bias and not isinstance(base, nn.Embedding) and getattr(base, "bias", None) is None:
             warnings.warn(
