@@ -35,6 +35,7 @@ from .speedup import AccelerationReport, accelerate, accelerated, deaccelerate
 from .tuners import (
     LoraConfig,
     LoraModel,
+    LoraRuntimeConfig,
     PrefixEncoder,
     PrefixTuningConfig,
     PromptEmbedding,
@@ -80,6 +81,7 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "LoraConfig",
     "LoraModel",
+    "LoraRuntimeConfig",
     "NoMatchingPeftModuleError",
     "PeftConfig",
     "PeftError",

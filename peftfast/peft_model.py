@@ -656,6 +656,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> PeftModel:
@@ -666,6 +667,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         `model_id` is a local folder or a Hugging Face Hub repo id, read through huggingface_hub's cache (kwargs
         such as `subfolder`, `revision`, `cache_dir`, `token`, `local_files_only` go to `hf_hub_download`). With
         `low_cpu_mem_usage` the adapter is created on the meta device and the file's tensors are assigned to it.
+        `ephemeral_gpu_offload` sets the config's runtime option (`LoraRuntimeConfig`), as in HF PEFT.
         """
         check_adapter_name(adapter_name)
         hub_kwargs, _ = split_hub_kwargs(kwargs)
@@ -673,6 +675,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
         elif not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
+        _set_ephemeral_gpu_offload(config, ephemeral_gpu_offload)
         model_class(config)
         _check_prompt_learning_not_trainable(config, is_trainable)
         config.inference_mode = not is_trainable
@@ -733,6 +736,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         is_trainable: bool = False,
         torch_device: str | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Any:
@@ -746,6 +750,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             weights = load_peft_weights(model_id, device=torch_device, **hub_kwargs)
             return self._load_weights(weights, adapter_name, is_trainable, False, model_id)
         config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
+        _set_ephemeral_gpu_offload(config, ephemeral_gpu_offload)
         _check_prompt_learning_not_trainable(config, is_trainable)
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, device=torch_device, **hub_kwargs)
@@ -785,6 +790,14 @@ def _yaml_string(text: str) -> str:
     """`text` as a YAML scalar: bare when it is a plain name (`org/model-1.5`), else JSON-quoted (JSON strings are
     YAML)."""
     return text if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:-]*", text) else json.dumps(text)
+
+
+def _set_ephemeral_gpu_offload(config: PeftConfig, ephemeral_gpu_offload: bool) -> None:
+    runtime_config = getattr(config, "runtime_config", None)
+    if runtime_config is not None:
+        runtime_config.ephemeral_gpu_offload = ephemeral_gpu_offload
+    elif ephemeral_gpu_offload:
+        warnings.warn(f"{type(config).__name__} has no ephemeral GPU offloading; ignoring it.", stacklevel=3)
 
 
 def _check_prompt_learning_not_trainable(config: PeftConfig, is_trainable: bool) -> None:

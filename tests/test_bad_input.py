@@ -699,12 +699,12 @@ def test_config_of_another_method(tmp_path, peft_type):
 
 
 def test_unsupported_lora_variant(tmp_path):
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        LoraConfig(target_modules=["lin0"], use_dora=True)
-    peft.get_peft_model(_mlp(), peft.LoraConfig(target_modules=["lin0"], use_dora=True)).save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="use_qalora"):
+        LoraConfig(target_modules=["lin0"], use_qalora=True)
+    peft.get_peft_model(_mlp(), peft.LoraConfig(target_modules=["lin0"], use_qalora=True)).save_pretrained(tmp_path)
     model = _mlp()
     before = ModelSnapshot.of(model)
-    with pytest.raises(NotImplementedError, match="use_dora"):
+    with pytest.raises(NotImplementedError, match="use_qalora"):
         PeftModel.from_pretrained(model, tmp_path)
     before.assert_same(model)
 

@@ -300,3 +300,84 @@ def moe_lora_linear(
 
 
 __all__ += ["moe_lora_linear"]
+
+
+# DoRA. `dora` imports Triton only when a kernel runs.
+from . import dora as _dora  # noqa: E402
+
+dispatch.register("dora_weight_norm", "torch", reference.dora_weight_norm)
+dispatch.register("dora_weight_norm", "triton", _dora.dora_weight_norm_triton, can_serve=_dora.can_run_dora_weight_norm)
+dispatch.register("dora_linear", "torch", reference.dora_linear)
+dispatch.register("dora_linear", "triton", _dora.dora_linear_triton, can_serve=_dora.can_run_dora_linear)
+dispatch.register("dora_scale", "torch", reference.dora_scale)
+
+
+def dora_weight_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    weight_sq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics: norm[j] = ||W[j] + s * (B @ A)[j]|| = sqrt(max(0, ||W[j]||^2 + 2 s B[j].(A W[j]^T) + s^2 B[j] (A A^T)
+    B[j]^T)), without forming W + s B A; weight_sq[j] = ||W[j]||^2 (computed in the same pass when None). No gradient
+    flows. Every term in fp32; see `reference.dora_weight_norm` for where the factored form loses precision.
+
+    Shapes: weight [d_out, d_in]; lora_A [r, d_in]; lora_B [d_out, r]; weight_sq [d_out] fp32 or None. Returns
+    (norm, weight_sq), both [d_out] fp32.
+    """
+    backend, implementation = dispatch.resolve("dora_weight_norm", weight, lora_A, lora_B, scaling, weight_sq)
+    _last_backend["dora_weight_norm"] = backend
+    return implementation(weight, lora_A, lora_B, scaling, weight_sq)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    weight_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics: g = magnitude / weight_norm (a constant norm); y = g * (x W^T + s x A^T B^T) + b without dropout
+    (p = 0 or not training), y = x W^T + b + (g - 1) * x_d W^T + g * s x_d A^T B^T with x_d = dropout(x, p).
+    weight_norm None: the norms of `dora_weight_norm(W, A, B, s, weight_sq)`, computed in the same call.
+
+    Shapes: x [..., d_in]; weight [d_out, d_in]; bias [d_out] or None; lora_A [r, d_in]; lora_B [d_out, r];
+    magnitude [d_out]; weight_norm [d_out] fp32 or None; weight_sq [d_out] fp32 (||W_j||^2) or None. Returns
+    [..., d_out] in the dtype of x @ W.T.
+    """
+    backend, implementation = dispatch.resolve("dora_linear", x, weight, bias, lora_A, lora_B, magnitude, weight_norm)
+    _last_backend["dora_linear"] = backend
+    return implementation(
+        x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, training, weight_sq
+    )
+
+
+def dora_scale(
+    result: torch.Tensor,
+    lora_out: torch.Tensor | None,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    base_dropped: torch.Tensor | None = None,
+    channel_dim: int = -1,
+) -> torch.Tensor:
+    """Semantics: g = magnitude / weight_norm along channel_dim; y = g * (result - b) + b + g * lora_out, or with
+    base_dropped (the bias-free base output on the dropped-out input) y = result + (g - 1) * base_dropped +
+    g * lora_out: HF PEFT's DoRA update of any base layer's output.
+
+    Shapes: result, lora_out, base_dropped [..., C, ...] (C at channel_dim); magnitude C elements; weight_norm [C];
+    bias [C] or None. Returns result's dtype.
+    """
+    backend, implementation = dispatch.resolve("dora_scale", result)
+    _last_backend["dora_scale"] = backend
+    return implementation(result, lora_out, magnitude, weight_norm, bias, base_dropped, channel_dim)
+
+
+__all__ += ["dora_linear", "dora_scale", "dora_weight_norm"]

@@ -89,6 +89,245 @@ def lora_linear(
     return lora_add(F.linear(x, weight, bias), x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
 
 
+# Elements of an fp16/bf16 weight upcast to fp32 at a time by `dora_weight_norm` (8 MiB of fp32): enough rows for a
+# full-speed GEMM against the rank-r adapter, never a copy of the whole weight.
+_UPCAST_BLOCK_ELEMENTS = 1 << 21
+
+
+def _fp32_row_blocks(weight: torch.Tensor):
+    """(first row, block) over `weight` in fp32: the weight itself when it is fp32, else upcast copies of row blocks."""
+    if weight.dtype == torch.float32:
+        yield 0, weight
+        return
+    rows = max(1, _UPCAST_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        yield start, weight[start : start + rows].float()
+
+
+def dora_norm_from_terms(
+    weight_sq: torch.Tensor, weight_times_A: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Semantics: sqrt(max(0, weight_sq + 2 s * sum_r B[:, r] * AW[:, r] + s^2 * rowsum((B @ (A @ A.T)) * B))), fp32.
+
+    Shapes: weight_sq [d_out]; weight_times_A AW = W @ A.T [d_out, r] fp32; lora_A [r, d_in]; lora_B [d_out, r].
+    """
+    A, B = lora_A.float(), lora_B.float()
+    cross = (B * weight_times_A).sum(dim=1)
+    quad = ((B @ (A @ A.T)) * B).sum(dim=1)
+    # Cancellation can push the sum of the three terms a little below 0 where the update nearly cancels the row.
+    return (weight_sq + (2 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def dora_weight_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    weight_sq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics: norm[j] = ||W[j] + s * (B @ A)[j]|| = sqrt(max(0, ||W[j]||^2 + 2 s B[j].(A W[j]^T) + s^2 B[j] (A A^T)
+    B[j]^T)), DoRA's row norm, computed without forming W + s B A (one r x d_in by d_in x d_out product);
+    weight_sq[j] = ||W[j]||^2, computed in the same pass when None is given. No gradient flows (DoRA's norm is a
+    constant).
+
+    Shapes: weight [d_out, d_in] (any strides and float dtype); lora_A [r, d_in]; lora_B [d_out, r]; weight_sq [d_out]
+    fp32 or None. Returns (norm, weight_sq), both [d_out] fp32.
+
+    Numerics: every term is computed in fp32 (an fp16/bf16 weight is upcast in blocks of rows, never as a whole).
+    The factored form loses precision where the update cancels most of a row: its relative error is about
+    eps_fp32 * ||W[j]||^2 / (2 norm[j]^2), against eps * ||W[j]|| / norm[j] for the norm of the materialised
+    W + s B A (HF PEFT's way), so the two agree to fp32 rounding unless norm[j] << ||W[j]||; a row the update cancels
+    exactly gets about sqrt(eps_fp32) * ||W[j]|| instead of ~eps * ||W[j]||, and never NaN (the sum is clamped at 0).
+    With an fp16/bf16 weight and fp16/bf16 adapters HF PEFT forms the sum in that dtype; this is more accurate.
+    """
+    d_out, d_in = weight.shape
+    if lora_A.shape[1] != d_in or lora_B.shape != (d_out, lora_A.shape[0]):
+        raise ValueError(
+            f"dora_weight_norm: weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)} and lora_B "
+            f"{tuple(lora_B.shape)} don't fit together."
+        )
+    A = lora_A.float()
+    weight_times_A = torch.empty(d_out, A.shape[0], device=weight.device, dtype=torch.float32)
+    squares = torch.empty(d_out, device=weight.device, dtype=torch.float32) if weight_sq is None else None
+    for start, block in _fp32_row_blocks(weight):
+        rows = slice(start, start + block.shape[0])
+        torch.matmul(block, A.T, out=weight_times_A[rows])
+        if squares is not None:
+            squares[rows] = torch.linalg.vector_norm(block, dim=1).square()
+    weight_sq = squares if weight_sq is None else weight_sq.float()
+    return dora_norm_from_terms(weight_sq, weight_times_A, lora_A, lora_B, scaling), weight_sq
+
+
+# The norm's A W^T comes out of the base GEMM as r more rows of [x; A] W^T (W read once for both) while copying x
+# costs less than reading W again, T < d_out: on a shared 2-core CPU at d = 2048, T = 128, reading W a second time
+# for a separate A W^T took 22 ms, the r extra rows of the GEMM next to nothing (bench/bench_dora.py measures the step).
+def _fuse_norm(weight: torch.Tensor, rows: int, stacking_anyway: bool) -> bool:
+    # fp32 only: an fp16/bf16 GEMM would round A W^T to that dtype, and the norm's terms must stay fp32.
+    return weight.dtype == torch.float32 and (stacking_anyway or rows < weight.shape[0])
+
+
+class _DoraLinear(torch.autograd.Function):
+    """`dora_linear`'s forward and backward written out (the torch twin of the fused kernels). Against autograd over
+    the plain composition it makes half the passes over T x d_out tensors: one buffer z per product, the rank-r term
+    accumulated into it in place (addmm), the rescale and bias in one addcmul; one GEMM over [x; x_d; A] forward and
+    over [dY; (g - 1) dY] backward, so W is read once each way. On a CPU those passes and reads of W are what DoRA
+    costs beyond LoRA.
+
+    Inputs: x [T, K] (base dtype), weight [N, K], bias [N] or None, lora_A [r, K], lora_B [N, r], magnitude [N],
+    weight_norm [N] or None (then computed here from weight_sq [N]), scaling, keep None or [T, K] (the dropout mask
+    over 1 - p, adapter dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, weight_sq, scaling, keep):
+        rows = x.shape[0]
+        promoted = torch.promote_types(weight.dtype, lora_A.dtype)
+        dropped = x.to(lora_A.dtype)
+        if keep is not None:
+            dropped = dropped * keep
+        shrunk = F.linear(dropped, lora_A)
+        blocks = [x] if keep is None else [x, dropped.to(x.dtype)]
+        fuse_norm = weight_norm is None and _fuse_norm(weight, rows, keep is not None)
+        if fuse_norm:
+            blocks.append(lora_A.to(weight.dtype))
+        product = F.linear(torch.cat(blocks), weight) if len(blocks) > 1 else F.linear(x, weight)
+        if fuse_norm:
+            weight_norm = dora_norm_from_terms(weight_sq, product[-lora_A.shape[0] :].T, lora_A, lora_B, scaling)
+        elif weight_norm is None:
+            weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq)[0]
+        g = magnitude.reshape(-1) / weight_norm.to(magnitude.dtype)
+        if keep is None:
+            z = product[:rows].to(promoted)
+            y = None
+        else:
+            plain, z = product[:rows], product[rows : 2 * rows].to(promoted)
+            # In place when the dtypes allow: y and z are then two blocks of one buffer.
+            y = plain.sub_(z) if plain.dtype == promoted else plain.to(promoted) - z
+        z.addmm_(shrunk.to(promoted), lora_B.to(promoted).T, alpha=scaling)
+        if y is None:
+            y = z * g if bias is None else torch.addcmul(bias.to(promoted), z, g)
+        else:
+            y.addcmul_(z, g)
+            if bias is not None:
+                y.add_(bias)
+        ctx.save_for_backward(x, dropped, shrunk, z, g, weight_norm, weight, lora_A, lora_B, keep)
+        ctx.scaling = scaling
+        ctx.magnitude_shape, ctx.magnitude_dtype = magnitude.shape, magnitude.dtype
+        return y.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, dropped, shrunk, z, g, weight_norm, weight, lora_A, lora_B, keep = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias, needs_A, needs_B, needs_magnitude = ctx.needs_input_grad[:6]
+        scaling, promoted = ctx.scaling, z.dtype
+        grad = grad_y.to(promoted)
+        grad_z = grad * g
+        grad_magnitude = None
+        if needs_magnitude:
+            grad_g = (grad * z).sum(0)
+            grad_magnitude = (grad_g / weight_norm).to(ctx.magnitude_dtype).reshape(ctx.magnitude_shape)
+        grad_shrunk = grad_z @ lora_B.to(promoted)
+        grad_A = (grad_shrunk.T @ dropped.to(promoted)).mul_(scaling).to(lora_A.dtype) if needs_A else None
+        grad_B = (grad_z.T @ shrunk.to(promoted)).mul_(scaling).to(lora_B.dtype) if needs_B else None
+        grad_bias = grad_y.sum(0) if needs_bias else None
+        grad_x = grad_weight = None
+        adapter_grad_x = grad_shrunk @ lora_A.to(promoted) if needs_x else None
+        if keep is None:
+            grad_z = grad_z.to(weight.dtype)
+            if needs_x:
+                grad_x = grad_z @ weight
+                if grad_x.dtype == promoted:
+                    grad_x.add_(adapter_grad_x, alpha=scaling)
+                else:
+                    grad_x = grad_x + (adapter_grad_x * scaling).to(grad_x.dtype)
+            if needs_weight:
+                grad_weight = grad_z.T @ x
+        else:
+            rows = x.shape[0]
+            # The gradients of x W^T and of x_d W^T, (g - 1) * dY, stacked: one GEMM with W for both.
+            stacked = torch.empty(2 * rows, weight.shape[0], device=weight.device, dtype=weight.dtype)
+            stacked[:rows] = grad_y
+            stacked[rows:] = grad * (g - 1)
+            if needs_x:
+                both = stacked @ weight
+                through_dropout = both[rows:].to(promoted).add_(adapter_grad_x, alpha=scaling).mul_(keep)
+                grad_x = both[:rows] + through_dropout.to(both.dtype)
+            if needs_weight:
+                grad_weight = stacked.T @ torch.cat([x, dropped.to(x.dtype)])
+        return grad_x, grad_weight, grad_bias, grad_A, grad_B, grad_magnitude, None, None, None, None
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    weight_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics (one DoRA adapter on a dense layer, as HF PEFT): g = magnitude / weight_norm, the norm a constant;
+    without dropout (p = 0 or not training): y = g * (x W^T + s x A^T B^T) + b; with x_d = dropout(x, p):
+    y = x W^T + b + (g - 1) * x_d W^T + g * s x_d A^T B^T. weight_norm None: the norms are those of
+    `dora_weight_norm(W, A, B, s, weight_sq)`, their A W^T taken from the base GEMM itself where that saves reading W
+    again. With dropout, x W^T and x_d W^T are one GEMM over [x; x_d], so W is read once.
+
+    Shapes: x [..., d_in]; weight [d_out, d_in]; bias [d_out] or None; lora_A [r, d_in]; lora_B [d_out, r];
+    magnitude [d_out]; weight_norm [d_out] fp32 or None; weight_sq [d_out] fp32 (||W_j||^2; needed when weight_norm
+    is None). Returns [..., d_out] in the dtype of x @ W.T; the adapter branch runs in the adapter weights' dtype.
+    """
+    if weight_norm is None and weight_sq is None:
+        raise ValueError("dora_linear needs weight_norm, or weight_sq (||W_j||^2) to compute the norms from.")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    keep = None
+    if dropout_p > 0 and training:
+        # The mask F.dropout draws for x (same random stream), as a tensor: mask / (1 - p).
+        keep = F.dropout(torch.ones_like(x2d, dtype=lora_A.dtype), p=dropout_p, training=True)
+    weight_norm = None if weight_norm is None else weight_norm.detach()
+    y = _DoraLinear.apply(x2d, weight, bias, lora_A, lora_B, magnitude, weight_norm, weight_sq, scaling, keep)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def dora_scale(
+    result: torch.Tensor,
+    lora_out: torch.Tensor | None,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    base_dropped: torch.Tensor | None = None,
+    channel_dim: int = -1,
+) -> torch.Tensor:
+    """Semantics: g = magnitude / weight_norm (a constant norm) along `channel_dim`; without base_dropped:
+    y = g * (result - b) + b + g * lora_out; with it: y = result + (g - 1) * base_dropped + g * lora_out (lora_out
+    None counts as 0). This is HF PEFT's DoRA update of any base layer's output `result`, given the adapter's term
+    lora_out = s * B(A(x_d)) and, under dropout, the bias-free base output on the dropped-out input.
+
+    Shapes: result, lora_out, base_dropped [..., C, ...] (C at channel_dim); magnitude C elements (conv magnitudes
+    are [1, C, 1, ...]); weight_norm [C]; bias [C] or None. Returns result's dtype.
+    """
+    shape = [1] * result.dim()
+    shape[channel_dim] = -1
+    g = (magnitude.reshape(-1) / weight_norm.detach().to(magnitude.dtype)).view(shape)
+    if base_dropped is not None:
+        y = result + (g - 1) * base_dropped
+        if lora_out is not None:
+            y = y + g * lora_out
+        return y.to(result.dtype)
+    inner = result if bias is None else result - bias.view(shape)
+    if lora_out is not None:
+        inner = inner + lora_out
+    y = g * inner
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y.to(result.dtype)
+
+
 class Nf4Weight(NamedTuple):
     """A bitsandbytes 4-bit weight W [N, K] as stored (see `nf4_dequantize`); the nested fields are None when the
     absmax is plain fp32."""

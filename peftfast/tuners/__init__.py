@@ -1,6 +1,6 @@
 """The adapter methods; importing a method's package registers it (see `peftfast.mapping.register_peft_method`)."""
 
-from .lora import LoraConfig, LoraModel, convert_to_lora, save_as_lora
+from .lora import LoraConfig, LoraModel, LoraRuntimeConfig, convert_to_lora, save_as_lora
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
@@ -13,6 +13,7 @@ __all__ = [
     "BaseTunerLayer",
     "LoraConfig",
     "LoraModel",
+    "LoraRuntimeConfig",
     "PrefixEncoder",
     "PrefixTuningConfig",
     "PromptEmbedding",

@@ -175,7 +175,7 @@ def get_peft_model_state_dict(
             stacklevel=2,
         )
 
-    return {own_adapter.sub(r"\1", key, count=1): value for key, value in to_return.items()}
+    return {_disk_key(key, own_adapter): value for key, value in to_return.items()}
 
 
 def _adapter_key_pattern(prefix: str, adapter_name: str) -> re.Pattern:
@@ -183,6 +183,20 @@ def _adapter_key_pattern(prefix: str, adapter_name: str) -> re.Pattern:
     an adapter attribute (`lora_A.<name>.weight`, `lora_embedding_A.<name>`), so that a module that happens to share
     the adapter's name (an adapter "lin0" beside a layer "lin0") is never taken for it. Group 1 is the holder part."""
     return re.compile(rf"((?:^|\.){re.escape(prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)")
+
+
+# Adapter modules whose one parameter is stored on disk under the module's own key, without ".weight" (HF PEFT keeps
+# DoRA's magnitude keys as they were when the magnitude was a bare parameter).
+_BARE_WEIGHT_MODULES = ("lora_magnitude_vector",)
+
+
+def _disk_key(key: str, own_adapter: re.Pattern) -> str:
+    """The on-disk key of an in-memory one: the adapter name dropped from an adapter tensor's key (and the
+    `.weight` of a bare-weight module's)."""
+    disk_key = own_adapter.sub(r"\1", key, count=1)
+    if disk_key != key and any(disk_key.endswith(f".{name}.weight") for name in _BARE_WEIGHT_MODULES):
+        disk_key = disk_key.removesuffix(".weight")
+    return disk_key
 
 
 def _to_model_key(key: str, adapter_name: str, prefix: str, wrapper_keys: dict[str, str]) -> str:
@@ -194,6 +208,8 @@ def _to_model_key(key: str, adapter_name: str, prefix: str, wrapper_keys: dict[s
     # The last occurrence: a module path may itself contain the prefix ("lora_layers.0.q.lora_A.weight").
     head, _, tail = key.rpartition(prefix)
     parameter_holder, dot, rest = tail.partition(".")
+    if not dot and f"{prefix}{parameter_holder}" in _BARE_WEIGHT_MODULES:
+        return f"{head}{prefix}{parameter_holder}.{adapter_name}.weight"
     if not dot:
         # lora_embedding_A / lora_embedding_B are parameters, not modules: no `.weight` suffix on disk.
         return f"{head}{prefix}{parameter_holder}.{adapter_name}"

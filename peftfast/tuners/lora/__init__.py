@@ -1,5 +1,5 @@
 from ...registry import register_peft_method
-from .config import LoraConfig
+from .config import LoraConfig, LoraRuntimeConfig
 from .conversion import convert_to_lora, save_as_lora
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .mha import MultiheadAttention
@@ -15,6 +15,7 @@ __all__ = [
     "LoraConfig",
     "LoraLayer",
     "LoraModel",
+    "LoraRuntimeConfig",
     "MultiheadAttention",
     "ParamWrapper",
     "convert_to_lora",

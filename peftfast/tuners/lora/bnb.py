@@ -16,6 +16,7 @@ from torch import nn
 
 from ... import ops
 from ..tuners_utils import BaseTunerLayer
+from . import dora
 from .layer import Linear, adapter_dtype
 
 
@@ -52,8 +53,18 @@ class _QuantizedLinear(Linear):
     def _set_weight(self, dense: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _merged_weight(self, adapter: str, weight: torch.Tensor, sign: int) -> torch.Tensor:
+    def _dora_dense_weight(self) -> torch.Tensor:
+        return self._dequantized_weight()
+
+    def _merged_weight(
+        self, adapter: str, weight: torch.Tensor, sign: int, dora_norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The dense weight with `adapter` merged in (sign 1) or taken out (sign -1); a DoRA adapter needs the norm
+        it merges (merged) with."""
         delta = self.get_delta_weight(adapter)
+        if dora_norm is not None:
+            rescale = dora.merged_weight if sign > 0 else dora.unmerged_weight
+            return rescale(self, adapter, weight.to(delta.dtype), delta, dora_norm)
         return weight.to(delta.dtype) + sign * delta
 
     def _bias_delta(self, adapter: str) -> torch.Tensor | None:
@@ -71,8 +82,10 @@ class _QuantizedLinear(Linear):
         weight = None
         adapters = self._adapters_to_merge(adapter_names, warn=False)
         self._refuse_alora_merge(adapters, safe_merge=True)
+        dora_norms = dora.merge_norms(self, adapters)
         for adapter in adapters:
-            weight = self._merged_weight(adapter, self._dequantized_weight() if weight is None else weight, 1)
+            dense = self._dequantized_weight() if weight is None else weight
+            weight = self._merged_weight(adapter, dense, 1, dora_norms.get(adapter))
             if not torch.isfinite(weight).all():
                 raise ValueError(
                     f"NaNs or infs detected while merging adapter {adapter!r} into layer {layer_name!r}; nothing was "
@@ -85,13 +98,14 @@ class _QuantizedLinear(Linear):
         base_layer = self.get_base_layer()
         adapters = self._adapters_to_merge(adapter_names)
         self._refuse_alora_merge(adapters, safe_merge)
+        dora_norms = dora.merge_norms(self, adapters)
         for adapter in adapters:
             warnings.warn(
                 f"Merging a LoRA adapter into a {self._kind} layer re-quantizes its weight: outputs may differ from "
                 "the unmerged model's because of rounding.",
                 stacklevel=2,
             )
-            weight = self._merged_weight(adapter, self._dequantized_weight(), 1)
+            weight = self._merged_weight(adapter, self._dequantized_weight(), 1, dora_norms.get(adapter))
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(
                     f"NaNs or infs detected while merging adapter {adapter!r} into {type(base_layer).__name__}; "
@@ -101,6 +115,8 @@ class _QuantizedLinear(Linear):
             self._set_weight(weight)
             if delta_bias is not None:
                 base_layer.bias.data += delta_bias
+            if adapter in dora_norms:
+                self.dora_cache().merge_norms[adapter] = dora_norms[adapter]
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -119,7 +135,8 @@ class _QuantizedLinear(Linear):
                 stacklevel=2,
             )
             delta_bias = self._bias_delta(adapter)
-            self._set_weight(self._merged_weight(adapter, self._dequantized_weight(), -1))
+            dora_norm = self.dora_cache().merge_norms.pop(adapter, None)
+            self._set_weight(self._merged_weight(adapter, self._dequantized_weight(), -1, dora_norm))
             if delta_bias is not None:
                 base_layer.bias.data -= delta_bias
 
@@ -138,7 +155,7 @@ class Linear4bit(_QuantizedLinear):
         device = base_layer.weight.device
         if device.type == "meta":
             return
-        for holder in (self.lora_A, self.lora_B):
+        for holder in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
             if adapter_name in holder and all(p.device.type != "meta" for p in holder[adapter_name].parameters()):
                 holder[adapter_name].to(device=device, dtype=wanted)
 
@@ -165,6 +182,7 @@ class Linear4bit(_QuantizedLinear):
             quant_storage=old.quant_storage,
             module=getattr(old, "module", None),
         ).to(old.device)
+        self.dora_cache().clear()
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         base_layer = self.base_layer
@@ -184,7 +202,8 @@ class Linear4bit(_QuantizedLinear):
         return not getattr(self._quant_state(), "packing_format_for_cpu", False)
 
     def _forward_with_adapters(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self._reads_weight_directly(args, kwargs):
+        uses_dora = any(name in self.lora_magnitude_vector for name in active)
+        if uses_dora or not self._reads_weight_directly(args, kwargs):
             return super()._forward_with_adapters(x, active, *args, **kwargs)
         base_layer = self.base_layer
         result = ops.lora_linear_4bit(
@@ -223,6 +242,7 @@ class Linear8bitLt(_QuantizedLinear):
         base_layer.state.reset_grads()
         # The state's scales belong to the old weight; the new one carries its own.
         base_layer.state.SCB = None
+        self.dora_cache().clear()
 
 
 def _base_of(target: nn.Module) -> nn.Module:

@@ -17,7 +17,6 @@ from ...utils.peft_types import PeftType
 # Fields HF PEFT has for LoRA variants peftfast does not implement, with the value meaning "off". A config that
 # turns one on is refused with a clear error rather than silently trained as plain LoRA.
 _UNSUPPORTED_WHEN_SET = {
-    "use_dora": False,
     "use_qalora": False,
     "loftq_config": {},
     "eva_config": None,
@@ -30,6 +29,18 @@ _UNSUPPORTED_WHEN_SET = {
     "arrow_config": None,
     "kasa_config": None,
 }
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """Options that apply while a model runs and are never saved with an adapter (HF PEFT's `LoraRuntimeConfig`).
+
+    Args:
+        ephemeral_gpu_offload: where adapter weights are kept on the CPU, run the heavy one-off computations on a GPU
+            and bring the results back (today: DoRA's initial weight norms). Without a GPU they run on the CPU.
+    """
+
+    ephemeral_gpu_offload: bool = field(default=False)
 
 
 @dataclass
@@ -48,7 +59,9 @@ class LoraConfig(PeftConfig):
     last occurrence on, see `peftfast.tuners.lora.alora`), `target_parameters` (names or name suffixes of
     `nn.Parameter`s, e.g. the 3-D expert weights `["experts.gate_up_proj", "experts.down_proj"]` of transformers' MoE
     models; as in HF PEFT, with `target_modules=None` the model type's default target modules still apply, except on
-    the MoE models whose targets HF PEFT rewrites (`moe_targets`); `target_modules=[]` targets parameters only).
+    the MoE models whose targets HF PEFT rewrites (`moe_targets`); `target_modules=[]` targets parameters only),
+    `use_dora` (DoRA: a trained magnitude per output row, see `peftfast.tuners.lora.dora`) and `runtime_config` (a
+    `LoraRuntimeConfig`, not saved).
     """
 
     _peft_type = PeftType.LORA
@@ -81,6 +94,7 @@ class LoraConfig(PeftConfig):
     qalora_group_size: int = field(default=16)
     monteclora_config: Any = field(default=None)
     layer_replication: list[tuple[int, int]] | None = field(default=None)
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a bias."})
     target_parameters: list[str] | None = field(default=None)
     use_bdlora: Any = field(default=None)
@@ -99,6 +113,10 @@ class LoraConfig(PeftConfig):
             self.rank_pattern = {}
         if self.alpha_pattern is None:
             self.alpha_pattern = {}
+        if isinstance(self.runtime_config, dict):
+            self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
+        if self.use_dora:
+            self._check_dora_combinations()
         for name, off in _UNSUPPORTED_WHEN_SET.items():
             value = getattr(self, name)
             if value != off and not (off is None and value in ({}, [])):
@@ -147,6 +165,14 @@ class LoraConfig(PeftConfig):
         # Not a dataclass field: never written to adapter_config.json, so it is registered again before each load.
         self._custom_modules: dict[type[nn.Module], type[nn.Module]] | None = None
 
+    def _check_dora_combinations(self) -> None:
+        """HF PEFT's config-time refusals of what DoRA can't be combined with (other variants are refused where the
+        layers are made, as in HF PEFT: `LoraModel`)."""
+        if self.megatron_config:
+            raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
+        if self.lora_bias:
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+
     def _register_custom_module(self, mapping: dict[type[nn.Module], type[nn.Module]]) -> None:
         """Use the user's LoRA layer class `mapping[base_type]` for every target that is a `base_type` (HF PEFT's
         experimental API). It takes precedence over peftfast's layers (so it can replace e.g. the nn.Linear one) and
@@ -168,6 +194,8 @@ class LoraConfig(PeftConfig):
     def to_dict(self) -> dict[str, Any]:
         result = super().to_dict()
         result["peft_type"] = PeftType.LORA.value
+        # Runtime options belong to the session, never to adapter_config.json (as HF PEFT).
+        result.pop("runtime_config", None)
         return result
 
 

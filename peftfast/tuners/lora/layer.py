@@ -18,6 +18,7 @@ from ... import ops
 from ...utils.constants import UPCAST_DTYPES
 from ...utils.mixed_batch import AdapterRowGroups
 from ..tuners_utils import BaseTunerLayer
+from . import dora
 from .alora import AloraOffsets, token_mask_for
 from .bank import LoraAdapterBank
 
@@ -56,12 +57,22 @@ def _features(base_layer: nn.Module) -> tuple[int | None, int | None]:
 
 
 class LoraLayer(BaseTunerLayer):
-    """Per-adapter LoRA state of one layer: ranks, alphas, scalings, dropouts and the A/B weights."""
+    """Per-adapter LoRA state of one layer: ranks, alphas, scalings, dropouts, the A/B weights and, for DoRA adapters,
+    the magnitude vectors (`lora_magnitude_vector`, see `peftfast.tuners.lora.dora`)."""
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "lora_bias", "use_alora")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = (
+        "r",
+        "lora_alpha",
+        "scaling",
+        "lora_dropout",
+        "use_rslora",
+        "lora_bias",
+        "use_alora",
+        "use_dora",
+    )
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -71,10 +82,14 @@ class LoraLayer(BaseTunerLayer):
         self.lora_B = nn.ModuleDict({})
         self.lora_embedding_A = nn.ParameterDict({})
         self.lora_embedding_B = nn.ParameterDict({})
+        self.lora_magnitude_vector = nn.ModuleDict({})
         self.use_rslora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         # aLoRA adapters (alora_invocation_tokens set): they act only where the call's aLoRA offsets say.
         self.use_alora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}
+        # HF PEFT's runtime option: compute DoRA's initial norms on a GPU while the adapter weights are on the CPU.
+        self.ephemeral_gpu_offload = ephemeral_gpu_offload
         self._disable_adapters = False
         self.merged_adapters = []
         # False inside `peftfast.helpers.disable_input_dtype_casting`: the LoRA branch then takes x in its own dtype.
@@ -93,6 +108,36 @@ class LoraLayer(BaseTunerLayer):
                 bank.refresh(self, (), bank.dtype)
             else:
                 del self.__dict__["_adapter_bank"]
+
+    def dora_cache(self) -> dora.DoraCache:
+        """The weight norms this layer's DoRA adapters reuse (created on first use, not saved)."""
+        cache = self.__dict__.get("_dora_cache")
+        if cache is None:
+            cache = self.__dict__["_dora_cache"] = dora.DoraCache()
+        return cache
+
+    def _set_dora(self, adapter_name: str, use_dora: bool, module: dora.DoraLinearLayer) -> None:
+        """Give `adapter_name` its DoRA magnitude (initialised to the weight norms), or drop a stale one."""
+        self.use_dora[adapter_name] = use_dora
+        self.dora_cache().clear()
+        if use_dora:
+            dora.add_magnitude(self, adapter_name, module)
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+
+    def _dora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A [r, d_in] and B [d_out, r] whose product DoRA's norm is taken of."""
+        return self.lora_A[adapter].weight, self.lora_B[adapter].weight
+
+    def _dora_weight_norm_terms(
+        self, adapter: str, weight_sq: torch.Tensor | None, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norms, ||W_j||^2) of `adapter`, fp32 [out], computed on `device` when one is given (see
+        `ops.dora_weight_norm`); `weight_sq` is ||W_j||^2 when already known."""
+        raise NotImplementedError
+
+    def _dora_weight_norm(self, adapter: str) -> torch.Tensor:
+        return self.dora_cache().weight_norm(self, adapter)
 
     def _record_backend(self, op: str) -> None:
         # Plain attribute write: nn.Module.__setattr__ costs microseconds on every forward.
@@ -243,17 +288,28 @@ class LoraLayer(BaseTunerLayer):
             delta_bias = (self.lora_B[adapter].bias * self.scaling[adapter]).to(bias.dtype)
         return self.get_delta_weight(adapter).to(weight.dtype), delta_bias
 
+    def _merged(
+        self, adapter: str, weight: torch.Tensor, dora_norms: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`weight` with `adapter` merged in (a new tensor), and what merging adds to the bias (None: nothing)."""
+        if adapter in dora_norms:
+            # A DoRA adapter has no lora_B bias: use_dora refuses lora_bias, as in HF PEFT.
+            delta = self.get_delta_weight(adapter)
+            return dora.merged_weight(self, adapter, weight, delta, dora_norms[adapter]), None
+        delta_weight, delta_bias = self._merge_deltas(adapter)
+        return weight + delta_weight, delta_bias
+
     def _check_safe_merge(self, adapter_names: list[str] | None, layer_name: str) -> None:
         """Raise a ValueError naming the adapter and `layer_name` if merging `adapter_names` here would put a NaN or
         inf into the weights. Nothing is changed: a tuner runs this over every layer before merging any."""
+        adapters = self._adapters_to_merge(adapter_names, warn=False)
+        self._refuse_alora_merge(adapters, safe_merge=True)
+        dora_norms = dora.merge_norms(self, adapters)
         base_layer = self.get_base_layer()
         weight, bias = base_layer.weight.data, getattr(base_layer, "bias", None)
         bias = None if bias is None else bias.data
-        adapters = self._adapters_to_merge(adapter_names, warn=False)
-        self._refuse_alora_merge(adapters, safe_merge=True)
         for adapter in adapters:
-            delta_weight, delta_bias = self._merge_deltas(adapter)
-            weight = weight + delta_weight
+            weight, delta_bias = self._merged(adapter, weight, dora_norms)
             bias = bias if delta_bias is None else bias + delta_bias
             if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
                 raise ValueError(
@@ -266,16 +322,19 @@ class LoraLayer(BaseTunerLayer):
 
         With `safe_merge`, each merged weight is computed on a copy and checked for NaN/inf first; on a bad value
         a ValueError names the adapter and the weights of this layer are left as they were before that adapter.
+        A DoRA adapter merges as in HF PEFT: W <- (m / norm) * (W + s B A), the norm that of the unmerged weight.
         """
         base_layer = self.get_base_layer()
         adapters = self._adapters_to_merge(adapter_names)
         self._refuse_alora_merge(adapters, safe_merge)
+        dora_norms = dora.merge_norms(self, adapters)
         for adapter in adapters:
-            delta_weight, delta_bias = self._merge_deltas(adapter)
-            if safe_merge:
-                weight = base_layer.weight.data + delta_weight
+            if safe_merge or adapter in dora_norms:
+                weight, delta_bias = self._merged(adapter, base_layer.weight.data, dora_norms)
                 bias = None if delta_bias is None else base_layer.bias.data + delta_bias
-                if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+                if safe_merge and (
+                    not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all())
+                ):
                     raise ValueError(
                         f"NaNs or infs detected while merging adapter {adapter!r} into {type(base_layer).__name__}; "
                         "the weights were left unmerged. The adapter weights are probably broken."
@@ -284,21 +343,34 @@ class LoraLayer(BaseTunerLayer):
                 if bias is not None:
                     base_layer.bias.data = bias
             else:
+                delta_weight, delta_bias = self._merge_deltas(adapter)
                 base_layer.weight.data += delta_weight
                 if delta_bias is not None:
                     base_layer.bias.data += delta_bias
+            if adapter in dora_norms:
+                self.dora_cache().merge_norms[adapter] = dora_norms[adapter]
             self.merged_adapters.append(adapter)
+        if adapters:
+            # The weight changed through `.data`, which no version counter sees.
+            self.dora_cache().clear()
 
     def unmerge(self) -> None:
-        """Subtract merged delta weights again, last merged first."""
+        """Subtract merged delta weights again, last merged first (a DoRA adapter: W <- W / (m / norm) - s B A)."""
         if not self.merged:
             return
         base_layer = self.get_base_layer()
+        cache = self.dora_cache()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter not in self.scaling:
                 continue
-            base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
+            cache.clear()
+            if adapter in cache.merge_norms:
+                delta = self.get_delta_weight(adapter)
+                norm = cache.merge_norms.pop(adapter)
+                base_layer.weight.data = dora.unmerged_weight(self, adapter, base_layer.weight.data, delta, norm)
+            else:
+                base_layer.weight.data -= self.get_delta_weight(adapter).to(base_layer.weight.dtype)
             if self.lora_bias.get(adapter) and self.lora_B[adapter].bias is not None:
                 base_layer.bias.data -= self.lora_B[adapter].bias.to(base_layer.bias.dtype) * self.scaling[adapter]
 
@@ -337,6 +409,17 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
 
 
+def _plain_dense_weight(module: nn.Module) -> torch.Tensor | None:
+    """W [out, in] of a base layer whose forward is exactly x W^T + b with no hooks: a bare nn.Linear, or transformers'
+    Conv1D (x @ weight + bias, its weight stored (in, out)); None for any other."""
+    if _is_plain_linear(module):
+        return module.weight
+    is_conv1d = type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+    if is_conv1d and not module._forward_hooks and not module._forward_pre_hooks:
+        return module.weight.T
+    return None
+
+
 class Linear(nn.Module, LoraLayer):
     """LoRA on a dense layer: `y = base(x) + scaling * B(A(dropout(x)))`."""
 
@@ -354,10 +437,12 @@ class Linear(nn.Module, LoraLayer):
         lora_bias: bool = False,
         autocast_adapter_dtype: bool = True,
         use_alora: bool = False,
+        use_dora: bool = False,
+        ephemeral_gpu_offload: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        LoraLayer.__init__(self, base_layer, **kwargs)
+        LoraLayer.__init__(self, base_layer, ephemeral_gpu_offload=ephemeral_gpu_offload, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
@@ -371,6 +456,7 @@ class Linear(nn.Module, LoraLayer):
             lora_bias=lora_bias,
             autocast_adapter_dtype=autocast_adapter_dtype,
             use_alora=use_alora,
+            use_dora=use_dora,
         )
 
     def update_layer(
@@ -384,6 +470,7 @@ class Linear(nn.Module, LoraLayer):
         lora_bias: bool = False,
         autocast_adapter_dtype: bool = True,
         use_alora: bool = False,
+        use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
         self._check_rank(r)
@@ -395,6 +482,7 @@ class Linear(nn.Module, LoraLayer):
         self.use_alora[adapter_name] = use_alora
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self._set_dora(adapter_name, use_dora, dora.DoraLinearLayer(fan_in_fan_out=self.fan_in_fan_out))
         self.set_adapter(self.active_adapters)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
@@ -409,7 +497,41 @@ class Linear(nn.Module, LoraLayer):
         return delta.to(dtype) if upcast else delta
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        if adapter in self.lora_magnitude_vector:
+            return self._dora_output(result, x, adapter)
         return ops.lora_add(result, x, *self._lora_weights([adapter]), training=self.training)
+
+    def _dora_dense_weight(self) -> torch.Tensor:
+        """The base weight as a dense [out, in] tensor (a view here; quantized layers dequantize)."""
+        return transpose(self.get_base_layer().weight, self.fan_in_fan_out)
+
+    def _dora_weight_norm_terms(
+        self, adapter: str, weight_sq: torch.Tensor | None, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lora_A, lora_B = self._dora_factors(adapter)
+        weight = self._dora_dense_weight()
+        return dora.weight_norm_on(device, weight, lora_A, lora_B, self.scaling[adapter], weight_sq)
+
+    def _dora_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """HF PEFT's DoRA update of the output `result` of any dense-like base layer (quantized ones too)."""
+        lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+        dropout = self.lora_dropout[adapter]
+        magnitude = self.lora_magnitude_vector[adapter].weight
+        norm = self._dora_weight_norm(adapter)
+        if self.cast_input_dtype_enabled:
+            x = x.to(lora_A.weight.dtype)
+        if self.training and not isinstance(dropout, nn.Identity):
+            # HF PEFT's rule: under dropout the base product is taken again, on the dropped-out input.
+            dropped = dropout(x)
+            weight = self._dora_dense_weight()
+            base_dropped = F.linear(dropped.to(weight.dtype), weight)
+            lora_out = lora_B(lora_A(dropped)) * self.scaling[adapter]
+            result = ops.dora_scale(result, lora_out, magnitude, norm, base_dropped=base_dropped)
+        else:
+            lora_out = lora_B(lora_A(x)) * self.scaling[adapter]
+            result = ops.dora_scale(result, lora_out, magnitude, norm, self.get_base_layer().bias)
+        self._record_backend("dora_scale")
+        return result
 
     def adapter_bank(self) -> LoraAdapterBank:
         """The packed weights of this layer's adapters for mixed-adapter batches (built on first use, not saved)."""
@@ -465,7 +587,15 @@ class Linear(nn.Module, LoraLayer):
             bank.r_max,
         )
         self._record_backend("lora_multi_adapter")
-        return y2d.reshape(result.shape)
+        result = y2d.reshape(result.shape)
+        # A DoRA adapter's rows now hold W x + b + s B A x: rescaling them by g = m / norm around b gives its output.
+        bias = self.get_base_layer().bias
+        for name in used:
+            if name in self.lora_magnitude_vector:
+                rows = groups.rows(name, x.device)
+                magnitude = self.lora_magnitude_vector[name].weight
+                result[rows] = ops.dora_scale(result[rows], None, magnitude, self._dora_weight_norm(name), bias)
+        return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -504,12 +634,17 @@ class Linear(nn.Module, LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for name in active:
-            result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                result = self._dora_output(result, x, name)
+            else:
+                result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
         return result.to(result_dtype)
 
     def _forward_with_adapters(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the `active` adapters' terms: fused with the base GEMM for a bare nn.Linear, added to
         whatever the base layer returns otherwise. Quantized subclasses override this."""
+        if self.lora_magnitude_vector and any(name in self.lora_magnitude_vector for name in active):
+            return self._forward_with_dora(x, active, *args, **kwargs)
         weights = self._lora_weights(active)
         if _is_plain_linear(self.base_layer) and not args and not kwargs:
             result = ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, *weights, training=self.training)
@@ -518,6 +653,37 @@ class Linear(nn.Module, LoraLayer):
         result = ops.lora_add(self.base_layer(x, *args, **kwargs), x, *weights, training=self.training)
         self._record_backend("lora_add")
         return result
+
+    def _forward_with_dora(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One DoRA adapter on a bare nn.Linear or transformers Conv1D: everything in `ops.dora_linear` (the rescaling
+        fused into the base GEMM). Otherwise HF PEFT's order: the base output, then each active adapter's update
+        applied to it in turn."""
+        weight = _plain_dense_weight(self.base_layer) if len(active) == 1 and not args and not kwargs else None
+        if weight is not None:
+            adapter = active[0]
+            dropout = self.lora_dropout[adapter]
+            # A trainable adapter's norm changes every step: the op takes its rank-r terms from its own GEMM.
+            norm, weight_sq = self.dora_cache().norm_or_weight_sq(self, adapter)
+            result = ops.dora_linear(
+                x,
+                weight,
+                self.base_layer.bias,
+                self.lora_A[adapter].weight,
+                self.lora_B[adapter].weight,
+                self.lora_magnitude_vector[adapter].weight,
+                norm,
+                self.scaling[adapter],
+                getattr(dropout, "p", 0.0),
+                self.training,
+                weight_sq,
+            )
+            self._record_backend("dora_linear")
+            return result
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for adapter in active:
+            result = self._adapter_output(result, x, adapter)
+        return result.to(result_dtype)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -537,12 +703,14 @@ class Embedding(nn.Module, LoraLayer):
         use_rslora: bool = False,
         lora_bias: bool = False,
         autocast_adapter_dtype: bool = True,
+        use_dora: bool = False,
+        ephemeral_gpu_offload: bool = False,
         **kwargs: Any,
     ) -> None:
         if lora_bias:
             raise ValueError("lora_bias=True is not supported for Embedding layers (as in HF PEFT).")
         super().__init__()
-        LoraLayer.__init__(self, base_layer)
+        LoraLayer.__init__(self, base_layer, ephemeral_gpu_offload=ephemeral_gpu_offload)
         self._active_adapter = adapter_name
         self.update_layer(
             adapter_name,
@@ -553,6 +721,7 @@ class Embedding(nn.Module, LoraLayer):
             use_rslora=use_rslora,
             lora_bias=lora_bias,
             autocast_adapter_dtype=autocast_adapter_dtype,
+            use_dora=use_dora,
         )
 
     def update_layer(
@@ -565,6 +734,7 @@ class Embedding(nn.Module, LoraLayer):
         use_rslora: bool,
         lora_bias: bool = False,
         autocast_adapter_dtype: bool = True,
+        use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
         self._check_rank(r)
@@ -580,10 +750,22 @@ class Embedding(nn.Module, LoraLayer):
         self.lora_bias[adapter_name] = lora_bias
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self._set_dora(adapter_name, use_dora, dora.DoraEmbeddingLayer(fan_in_fan_out=True))
         self.set_adapter(self.active_adapters)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _dora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
+
+    def _dora_weight_norm_terms(
+        self, adapter: str, weight_sq: torch.Tensor | None, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The norms run over the vocabulary, one per embedding dimension: the "weight" is E^T [dim, num_embeddings].
+        lora_A, lora_B = self._dora_factors(adapter)
+        weight = self.get_base_layer().weight.T
+        return dora.weight_norm_on(device, weight, lora_A, lora_B, self.scaling[adapter], weight_sq)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         weight_A = self.lora_embedding_A[adapter]
@@ -609,7 +791,11 @@ class Embedding(nn.Module, LoraLayer):
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         after_A = self._embed(x, self.lora_embedding_A[adapter].T)
-        return result + (after_A @ self.lora_embedding_B[adapter].T) * self.scaling[adapter]
+        lora_out = (after_A @ self.lora_embedding_B[adapter].T) * self.scaling[adapter]
+        if adapter in self.lora_magnitude_vector:
+            magnitude = self.lora_magnitude_vector[adapter].weight
+            return ops.dora_scale(result, lora_out, magnitude, self._dora_weight_norm(adapter))
+        return result + lora_out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -648,10 +834,12 @@ class _ConvNd(nn.Module, LoraLayer):
         use_rslora: bool = False,
         lora_bias: bool = False,
         autocast_adapter_dtype: bool = True,
+        use_dora: bool = False,
+        ephemeral_gpu_offload: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        LoraLayer.__init__(self, base_layer)
+        LoraLayer.__init__(self, base_layer, ephemeral_gpu_offload=ephemeral_gpu_offload)
         if base_layer.weight.dim() != self._kernel_dim:
             raise ValueError(
                 f"{type(self).__name__} expects a {self._kernel_dim - 2}d convolution, got a weight of "
@@ -667,6 +855,7 @@ class _ConvNd(nn.Module, LoraLayer):
             use_rslora=use_rslora,
             lora_bias=lora_bias,
             autocast_adapter_dtype=autocast_adapter_dtype,
+            use_dora=use_dora,
         )
 
     def update_layer(
@@ -679,6 +868,7 @@ class _ConvNd(nn.Module, LoraLayer):
         use_rslora: bool,
         lora_bias: bool = False,
         autocast_adapter_dtype: bool = True,
+        use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
         self._check_rank(r)
@@ -698,10 +888,37 @@ class _ConvNd(nn.Module, LoraLayer):
         self.lora_bias[adapter_name] = lora_bias
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self._set_dora(adapter_name, use_dora, _DORA_CONV_LAYERS[self._kernel_dim]())
         self.set_adapter(self.active_adapters)
 
-    def _conv(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[self._kernel_dim](input, weight)
+    def _conv(self, input: torch.Tensor, weight: torch.Tensor, **options: Any) -> torch.Tensor:
+        return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[self._kernel_dim](input, weight, **options)
+
+    def _dora_weight_norm_terms(
+        self, adapter: str, weight_sq: torch.Tensor | None, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row norms of the flattened kernels [out, in/groups * k...]. HF PEFT's B A for DoRA is the [out/groups,
+        in * k...] product of B viewed [-1, r] and A viewed [r, -1], reshaped to the weight's shape; with groups > 1
+        row j = q * groups + c of that is B'[q] times the c-th column block of A', so each column block c gives the
+        norms of rows c, c + groups, ... (with groups = 1, simply B A)."""
+        lora_A, lora_B = self._dora_factors(adapter)
+        r = lora_A.shape[0]
+        weight = self.get_base_layer().weight.flatten(1)
+        groups = self.get_base_layer().groups
+        flat_A, flat_B = lora_A.reshape(r, -1), lora_B.reshape(-1, r)
+        scaling = self.scaling[adapter]
+        if groups == 1:
+            return dora.weight_norm_on(device, weight, flat_A, flat_B, scaling, weight_sq)
+        width = weight.shape[1]
+        norm = torch.empty(weight.shape[0], device=lora_B.device, dtype=torch.float32)
+        squares = torch.empty_like(norm)
+        for c in range(groups):
+            block_sq = None if weight_sq is None else weight_sq[c::groups]
+            block_A = flat_A[:, c * width : (c + 1) * width]
+            norm[c::groups], squares[c::groups] = dora.weight_norm_on(
+                device, weight[c::groups], block_A, flat_B, scaling, block_sq
+            )
+        return norm, squares
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         if self.get_base_layer().groups > 1:
@@ -725,10 +942,23 @@ class _ConvNd(nn.Module, LoraLayer):
         return delta.to(dtype) if upcast else delta
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        lora_A = self.lora_A[adapter]
+        lora_A, lora_B, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]
         if self.cast_input_dtype_enabled:
             x = x.to(lora_A.weight.dtype)
-        return result + self.lora_B[adapter](lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
+        if adapter not in self.lora_magnitude_vector:
+            return result + lora_B(lora_A(dropout(x))) * self.scaling[adapter]
+        base = self.get_base_layer()
+        magnitude = self.lora_magnitude_vector[adapter].weight
+        norm = self._dora_weight_norm(adapter)
+        if self.training and not isinstance(dropout, nn.Identity):
+            # As HF PEFT: the base convolution again on the dropped-out input (its padding_mode is not applied).
+            dropped = dropout(x)
+            options = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+            base_dropped = self._conv(dropped.to(base.weight.dtype), base.weight, **options)
+            lora_out = lora_B(lora_A(dropped)) * self.scaling[adapter]
+            return ops.dora_scale(result, lora_out, magnitude, norm, base_dropped=base_dropped, channel_dim=1)
+        lora_out = lora_B(lora_A(x)) * self.scaling[adapter]
+        return ops.dora_scale(result, lora_out, magnitude, norm, base.bias, channel_dim=1)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -761,6 +991,9 @@ class Conv2d(_ConvNd):
 
 class Conv3d(_ConvNd):
     _kernel_dim = 5
+
+
+_DORA_CONV_LAYERS = {3: dora.DoraConv1dLayer, 4: dora.DoraConv2dLayer, 5: dora.DoraConv3dLayer}
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config: Any, **kwargs: Any) -> nn.Module | None:

@@ -56,6 +56,17 @@ def _check_variants(config: LoraConfig, target: nn.Module, key: str) -> None:
         raise alora.unsupported_target_error(key, base)
 
 
+def _check_dora_supported(config: LoraConfig, adapter_name: str, layer: nn.Module, current_key: str) -> None:
+    """As HF PEFT: a layer type without a DoRA variant (a user's custom LoRA layer, ...) refuses use_dora=True rather
+    than train plain LoRA under a DoRA config."""
+    if config.use_dora and adapter_name not in getattr(layer, "lora_magnitude_vector", {}):
+        base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+        raise ValueError(
+            f"Target module {current_key!r} ({type(layer).__name__} over a {type(base).__name__}) does not support "
+            "DoRA; set use_dora=False, or leave this module out of target_modules."
+        )
+
+
 def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
@@ -100,6 +111,8 @@ class LoraModel(BaseTuner):
             "use_rslora": config.use_rslora,
             "lora_bias": config.lora_bias,
             "autocast_adapter_dtype": getattr(self, "_autocast_adapter_dtype", True),
+            "use_dora": config.use_dora,
+            "ephemeral_gpu_offload": config.runtime_config.ephemeral_gpu_offload,
         }
         if parameter_name is not None:
             variants = alora.variant_fields(config)
@@ -124,11 +137,14 @@ class LoraModel(BaseTuner):
         if config.alora_invocation_tokens:
             kwargs["use_alora"] = True
         if isinstance(target, LoraLayer):
-            target.update_layer(adapter_name, **{k: v for k, v in kwargs.items() if k != "fan_in_fan_out"})
+            layer_kwargs = {k: v for k, v in kwargs.items() if k not in ("fan_in_fan_out", "ephemeral_gpu_offload")}
+            target.update_layer(adapter_name, **layer_kwargs)
+            _check_dora_supported(config, adapter_name, target, current_key)
             if self._check_tied_module_exists(config, current_key):
                 self._tie_to_embedding_adapter(target, adapter_name, config, current_key)
             return
         new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
+        _check_dora_supported(config, adapter_name, new_module, current_key)
         if self._check_tied_module_exists(config, current_key):
             self._tie_to_embedding_adapter(new_module, adapter_name, config, current_key)
         if adapter_name not in self.active_adapters:
