@@ -15,14 +15,16 @@ peak memory of one step (what the step allocates at its peak beyond what existed
 peak, on CPU the peak of the allocations the torch profiler records) with the difference HF PEFT - peftfast in
 units of one fp32 d x d matrix. Before timing, peftfast's DoRA output and gradients are checked against HF PEFT's.
 
-Timing is `peftfast.bench.time_fn`. CUDA: triton.testing.do_bench per provider. CPU: `--rounds` rounds, each timing
-every provider in turn for `--repeats` calls after one warm-up call, so that a change of the machine's load hits all
-providers alike (the machine this was written on runs several jobs at once); the reported median and 20th/80th
-percentiles are those of the per-round medians. CPU runs use `--threads` torch threads (default 1, as `peftfast
-bench`). Rows are appended to bench/results/dora_<device>.csv.
+Timing: on a CUDA GPU triton's do_bench per provider (`peftfast.bench.time_fn`). On CPU the providers of a case take
+turns, one call each per round (`--repeats` rounds after `--warmup`), and each call is timed by the CPU time of the
+calling thread (`time.thread_time`; torch on one thread, `--threads 1`, the default): on a shared, oversubscribed
+machine that leaves out the time spent waiting for a core, and load that drifts during a run hits every provider
+alike (as bench/bench_alora_mha.py). With more threads, wall time. Median and 20th/80th percentiles per provider.
+Rows are appended to <output-dir>/dora_<device>.csv.
 
-    python bench/bench_dora.py                 # the whole set (a few minutes on one CPU core)
-    python bench/bench_dora.py --quick         # d=1024/T=256 only, without dropout
+    python bench/bench_dora.py                               # the whole set (a few minutes on one CPU core)
+    python bench/bench_dora.py --quick                       # d=1024/T=256 only, without dropout
+    python bench/bench_dora.py --output-dir bench/results    # add a run to the committed reference results
 """
 
 from __future__ import annotations
@@ -30,23 +32,27 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch import nn
 
-COLUMNS = (
-    "date",
-    "git_sha",
-    "git_dirty",
-    "gpu",
-    "torch",
-    "triton",
-    "peft",
-    "peftfast",
-    "cpu_threads",
+from peftfast.bench import (
+    ENVIRONMENT_COLUMNS,
+    Timing,
+    add_output_dir_argument,
+    append_csv,
+    cpu_threads,
+    environment,
+    peak_memory_mb,
+    results_slug,
+    time_fn,
+)
+
+COLUMNS = ENVIRONMENT_COLUMNS + (
     "provider",
     "mode",
     "tokens",
@@ -155,19 +161,19 @@ def _check_against_peft(hf: nn.Module, fast: nn.Module, x: torch.Tensor, grad_y:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="d=1024/T=256 without dropout only")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds on CPU (default: 5)")
-    parser.add_argument("--repeats", type=int, default=4, help="timed calls per provider and round (default: 4)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds on CPU (default: 15)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first on CPU (default: 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default: 1)")
-    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_output_dir_argument(parser)
     args = parser.parse_args()
+    if args.repeats < 2:
+        raise SystemExit("bench_dora.py: --repeats must be at least 2")
     try:
         import peft
     except ImportError as error:
         print(f"bench_dora.py compares with HF PEFT, which can't be imported: {error}", file=sys.stderr)
         return 2
     import peftfast
-    from peftfast.bench import append_csv, environment, peak_memory_mb, results_slug, time_fn
-    from peftfast.cli import cpu_threads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -175,13 +181,13 @@ def main() -> int:
     cases = [(d, t, p) for d, t in CASES for p in DROPOUTS]
     if args.quick:
         cases = cases[:1]
-    with cpu_threads(args.threads) if device.type == "cpu" else _nothing():
+    with cpu_threads(args.threads) if device.type == "cpu" else nullcontext():
         env = asdict(environment(device))
         print(
             f"DoRA r={RANK} fwd+bwd on {env['gpu']}, {str(dtype).removeprefix('torch.')}, {env['cpu_threads']} "
             f"thread(s); torch {env['torch']}, peft {env['peft']}, peftfast {env['peftfast']} ({env['git_sha']})"
         )
-        rows, table = [], []
+        rows = []
         for d, tokens, dropout in cases:
             weights = _weights(d, device, dtype)
             generator = torch.Generator(device=device).manual_seed(1)
@@ -203,7 +209,7 @@ def main() -> int:
             for provider in providers:
                 layer, backend = layers[provider]
                 steps[provider] = (_step(layer, x, grad_y, backend), [x, *_trainable(layer)])
-            timings = _time_side_by_side(steps, device, args.rounds, args.repeats, time_fn)
+            timings = _time_side_by_side(steps, device, args.repeats, args.warmup, thread_time=args.threads == 1)
             ms, peaks = {}, {}
             for provider, (run, grads) in steps.items():
                 for tensor in grads:
@@ -218,36 +224,37 @@ def main() -> int:
                     | dict(median_ms=f"{timing.median_ms:.5g}", p20_ms=f"{timing.p20_ms:.5g}")
                     | dict(p80_ms=f"{timing.p80_ms:.5g}", peak_mem_mb=f"{peak:.3f}")
                 )
-            table.append((d, tokens, dropout, ms, peaks))
             _print_row(d, tokens, dropout, ms, peaks, providers)
         append_csv(args.output_dir / f"dora_{results_slug(device)}.csv", rows, COLUMNS)
         print(f"{len(rows)} rows appended to {args.output_dir / f'dora_{results_slug(device)}.csv'}")
     return 0
 
 
-def _time_side_by_side(steps, device, rounds, repeats, time_fn):
-    """{provider: Timing}; on CPU interleaved over rounds (see the module docstring)."""
-    from peftfast.bench import Timing
-
+def _time_side_by_side(
+    steps: dict[str, tuple[Callable[[], None], list[torch.Tensor]]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    thread_time: bool,
+) -> dict[str, Timing]:
+    """{provider: Timing}; on CPU the providers take turns, one call each per round (see the module docstring)."""
     if device.type == "cuda":
         return {provider: time_fn(run, device, grads) for provider, (run, grads) in steps.items()}
-    medians = {provider: [] for provider in steps}
-    for _ in range(rounds):
+    clock = time.thread_time if thread_time else time.perf_counter
+    times: dict[str, list[float]] = {provider: [] for provider in steps}
+    for round_ in range(warmup + repeats):
         for provider, (run, grads) in steps.items():
-            medians[provider].append(time_fn(run, device, grads, repeats=repeats, warmup=1).median_ms)
+            for tensor in grads:
+                tensor.grad = None
+            start = clock()
+            run()
+            if round_ >= warmup:
+                times[provider].append((clock() - start) * 1e3)
     timings = {}
-    for provider, values in medians.items():
-        quintiles = statistics.quantiles(values, n=5, method="inclusive") if len(values) > 1 else values * 4
+    for provider, values in times.items():
+        quintiles = statistics.quantiles(values, n=5, method="inclusive")
         timings[provider] = Timing(statistics.median(values), quintiles[0], quintiles[3])
     return timings
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _print_row(d, tokens, dropout, ms, peaks, providers) -> None:

@@ -737,13 +737,25 @@ def test_8bit_base_against_the_dequantized_formula_and_peft_init():
     [
         ({"lora_bias": True}, "lora_bias=True is not supported for DoRA"),
         ({"megatron_config": {"tensor_model_parallel_size": 1}}, "DoRA does not support megatron_core"),
-        ({"alora_invocation_tokens": [5, 6]}, "can't be combined with alora_invocation_tokens"),
     ],
-    ids=["lora_bias", "megatron", "alora"],
+    ids=["lora_bias", "megatron"],
 )
 def test_config_refuses_what_peft_refuses(options, message):
-    with pytest.raises(ValueError, match=message):
-        peftfast.LoraConfig(target_modules=["lin0"], use_dora=True, **options)
+    for lib in LIBS.values():
+        with pytest.raises(ValueError, match=message):
+            lib.LoraConfig(target_modules=["lin0"], use_dora=True, **options)
+
+
+def test_dora_with_another_variant_is_refused_where_peft_refuses_it():
+    """As HF PEFT: the config is accepted, making the layers is not (no variant for the combination)."""
+    for lib_name, lib in LIBS.items():
+        model = tiny_llama()
+        before = {name: type(module) for name, module in model.named_modules()}
+        config = lib.LoraConfig(target_modules=["q_proj"], use_dora=True, alora_invocation_tokens=[5, 6])
+        with pytest.raises(ValueError, match=r"variant combination: \('alora_invocation_tokens', 'use_dora'\)"):
+            lib.get_peft_model(model, config)
+        if lib_name == "peftfast":
+            assert {name: type(module) for name, module in model.named_modules()} == before
 
 
 class _LayerWithoutDora(peftfast.tuners.lora.LoraLayer, nn.Module):
@@ -931,7 +943,7 @@ def test_bench_runs_and_writes_its_rows(tmp_path, monkeypatch, capsys):
     bench_dora = _bench_dora()
     monkeypatch.setattr(bench_dora, "CASES", [(64, 16)])
     monkeypatch.setattr(
-        sys, "argv", ["bench_dora.py", "--rounds", "2", "--repeats", "2", "--output-dir", str(tmp_path)]
+        sys, "argv", ["bench_dora.py", "--warmup", "1", "--repeats", "2", "--output-dir", str(tmp_path)]
     )
     assert bench_dora.main() == 0
     with open(tmp_path / "dora_cpu.csv") as handle:
