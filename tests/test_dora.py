@@ -776,6 +776,12 @@ def test_layer_types_without_dora_refuse_it_and_leave_the_model_as_it_was():
     with pytest.raises(ValueError, match=r"'lin0'.*does not support DoRA"):
         peftfast.get_peft_model(model, config)
     assert {name: type(module) for name, module in model.named_modules()} == before
+    # HF PEFT refuses DoRA on nn.MultiheadAttention too.
+    model = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True))
+    for lib in LIBS.values():
+        with pytest.raises(ValueError, match="does not support DoRA"):
+            lib.get_peft_model(model, lib.LoraConfig(target_modules=["0"], use_dora=True))
+        assert type(model[0]) is nn.MultiheadAttention
 
 
 def test_use_dora_off_is_plain_lora_and_on_needs_no_variant_refusal(tmp_path):
