@@ -33,7 +33,10 @@ from .peft_model import (
 )
 from .speedup import AccelerationReport, accelerate, accelerated, deaccelerate
 from .tuners import (
+    EvaConfig,
+    LoftQConfig,
     LoraConfig,
+    LoraGAConfig,
     LoraModel,
     LoraRuntimeConfig,
     PrefixEncoder,
@@ -47,6 +50,9 @@ from .tuners import (
     TrainableTokensConfig,
     TrainableTokensModel,
     convert_to_lora,
+    get_eva_state_dict,
+    initialize_lora_eva_weights,
+    preprocess_loraga,
     save_as_lora,
 )
 from .tuners.tuners_utils import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
@@ -64,14 +70,11 @@ from .utils import (
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
+from .utils.loftq_utils import replace_lora_weights_loftq
 from .utils.quiet import silence_bitsandbytes_kernel_probe
 from .version import __version__
 
 __all__ = [
-    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
-    "PEFT_TYPE_TO_CONFIG_MAPPING",
-    "PEFT_TYPE_TO_PREFIX_MAPPING",
-    "PEFT_TYPE_TO_TUNER_MAPPING",
     "AccelerationReport",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
@@ -79,10 +82,17 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "EvaConfig",
+    "LoftQConfig",
     "LoraConfig",
+    "LoraGAConfig",
     "LoraModel",
     "LoraRuntimeConfig",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "NoMatchingPeftModuleError",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
     "PeftConfig",
     "PeftError",
     "PeftModel",
@@ -114,15 +124,19 @@ __all__ = [
     "convert_to_lora",
     "deaccelerate",
     "get_base_model_state_dict",
+    "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
+    "preprocess_loraga",
     "register_peft_method",
+    "replace_lora_weights_loftq",
     "save_as_lora",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",

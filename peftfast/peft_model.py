@@ -26,6 +26,7 @@ from .tuners.tuners_utils import (
     get_layer_status,
     get_model_status,
 )
+from .utils import weight_journal
 from .utils.cache import CACHE_ARGUMENT_NAMES, cache_argument, cache_key, get_cache
 from .utils.constants import (
     CONFIG_NAME,
@@ -561,6 +562,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as HF PEFT does: `adapter_config.json` + `adapter_model.safetensors`, the default
@@ -568,9 +570,23 @@ class PeftModel(PushToHubMixin, nn.Module):
 
         Every path is checked before anything is written: each must resolve (symlinks followed) inside
         `save_directory`, so nothing is ever written outside it; a path that would leave it raises a ValueError and
-        leaves the folder as it was."""
+        leaves the folder as it was.
+
+        `path_initial_model_for_weight_conversion`: the folder where a PiSSA/OLoRA/CorDA/LoRA-GA adapter was saved
+        right after its initialisation. The adapter is then saved converted to a plain LoRA of twice the rank that
+        applies to the original base weights (HF PEFT's conversion). Not possible with use_rslora plus
+        rank_pattern/alpha_pattern. Unlike HF PEFT, that folder is only read (HF PEFT rewrites its config with
+        init_lora_weights=True)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained needs a directory, but {save_directory} is a file.")
+        converter = None
+        if path_initial_model_for_weight_conversion is not None:
+            converter = getattr(type(self.base_model), "_convert_state_dict_for_initial_model", None)
+            if self._is_prompt_learning or converter is None:
+                raise ValueError(
+                    "path_initial_model_for_weight_conversion converts LoRA adapters only; this model has "
+                    f"{getattr(self.peft_type, 'value', self.peft_type)} adapters."
+                )
         if selected_adapters is None:
             selected_adapters = list(self.peft_config)
         selected_adapters = adapter_name_list(selected_adapters, "selected_adapters")
@@ -595,6 +611,10 @@ class PeftModel(PushToHubMixin, nn.Module):
                 adapter_name=adapter_name,
                 save_embedding_layers=save_embedding_layers,
             )
+            if converter is not None and is_main_process:
+                state_dict = converter(
+                    self, self.peft_config[adapter_name], path_initial_model_for_weight_conversion, state_dict, kwargs
+                )
             outputs.append((adapter_name, folder, state_dict))
         card = self._model_card(selected_adapters)
         if not is_main_process:
@@ -619,6 +639,8 @@ class PeftModel(PushToHubMixin, nn.Module):
                 base_config = getattr(self.get_base_model(), "config", None)
                 saved_config.base_model_name_or_path = getattr(base_config, "name_or_path", None) or None
             saved_config.inference_mode = True
+            if converter is not None:
+                _double_rank(saved_config)
             saved_config.save_pretrained(folder, auto_mapping_dict=self._auto_mapping(config))
 
     def _model_card(self, adapter_names: list[str]) -> str:
@@ -684,18 +706,20 @@ class PeftModel(PushToHubMixin, nn.Module):
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task_type]
         weights = load_peft_weights(model_id, **hub_kwargs)
         rollback = ModuleTreeRollback(model)
-        try:
-            peft_model = cls(
-                model,
-                config,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-            )
-            peft_model._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
-        except Exception:
-            rollback.restore()
-            raise
+        # Initialisations such as PiSSA change base weight values when the adapter is added: undone on failure too.
+        with weight_journal.reversible():
+            try:
+                peft_model = cls(
+                    model,
+                    config,
+                    adapter_name,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                )
+                peft_model._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
+            except Exception:
+                rollback.restore()
+                raise
         # Weights assigned from the file (low_cpu_mem_usage) carry the file's dtype: apply the dtype policy again.
         peft_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         return peft_model
@@ -754,14 +778,17 @@ class PeftModel(PushToHubMixin, nn.Module):
         _check_prompt_learning_not_trainable(config, is_trainable)
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, device=torch_device, **hub_kwargs)
+        _warn_if_base_weights_change(config, self.peft_config)
         rollback = ModuleTreeRollback(self)
-        try:
-            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-            result = self._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
-        except Exception:
-            # No trace of the new adapter is left, not even layers that only it had wrapped.
-            rollback.restore()
-            raise
+        # Initialisations such as PiSSA change base weight values when the adapter is added: undone on failure too.
+        with weight_journal.reversible():
+            try:
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+                result = self._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
+            except Exception:
+                # No trace of the new adapter is left, not even layers that only it had wrapped.
+                rollback.restore()
+                raise
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         # The new adapter stays inactive; like HF PEFT, it only trains if asked to.
         if is_trainable:
@@ -784,6 +811,32 @@ class PeftModel(PushToHubMixin, nn.Module):
                             holder[name].requires_grad_(requires_grad)
             elif isinstance(module, AuxiliaryTrainingWrapper):
                 module.set_requires_grad(names, requires_grad=requires_grad)
+
+
+def _warn_if_base_weights_change(new_config: PeftConfig, configs: dict[str, PeftConfig]) -> None:
+    """HF PEFT's warning when an adapter that changes the base weights is loaded next to others."""
+    if not configs:
+        return
+    inits = {getattr(config, "init_lora_weights", None) for config in [new_config, *configs.values()]}
+    for init, method in (("pissa", "PiSSA"), ("corda", "CorDA"), ("olora", "OLoRA")):
+        if init in inits:
+            warnings.warn(
+                f"A {method} adapter moved part of the base weights into itself, so every other adapter of this model "
+                "sees changed base weights. To combine it with others, save it converted to a plain LoRA "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=<folder of the initial adapter>)).",
+                stacklevel=3,
+            )
+            return
+
+
+def _double_rank(config: PeftConfig) -> None:
+    """The config of a converted adapter (`[B | -B0] @ [A ; A0]`): twice the rank, the same scaling."""
+    config.init_lora_weights = True
+    config.r *= 2
+    # alpha / r stays the same; with rsLoRA alpha / sqrt(r) does.
+    config.lora_alpha *= 2**0.5 if config.use_rslora else 2
+    config.rank_pattern = {key: 2 * value for key, value in config.rank_pattern.items()}
+    config.alpha_pattern = {key: 2 * value for key, value in config.alpha_pattern.items()}
 
 
 def _yaml_string(text: str) -> str:

@@ -6,22 +6,21 @@ import math
 import re
 import warnings
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Literal
 
 from torch import nn
 
 from ...config import PeftConfig
 from ...utils.peft_types import PeftType
+from .init_config import CordaConfig, EvaConfig, LoftQConfig, LoraGAConfig, subconfig
+
+__all__ = ["CordaConfig", "EvaConfig", "LoftQConfig", "LoraConfig", "LoraGAConfig"]
 
 # Fields HF PEFT has for LoRA variants peftfast does not implement, with the value meaning "off". A config that
 # turns one on is refused with a clear error rather than silently trained as plain LoRA.
 _UNSUPPORTED_WHEN_SET = {
     "use_qalora": False,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
-    "lora_ga_config": None,
     "velora_config": None,
     "monteclora_config": None,
     "megatron_config": None,
@@ -49,8 +48,8 @@ class LoraConfig(PeftConfig):
 
     Args mirror `peft.LoraConfig`: `r`, `lora_alpha`, `lora_dropout`, `target_modules` (list of name suffixes, a
     regex matched against the full module name, or "all-linear"), `exclude_modules`, `bias` ("none", "all",
-    "lora_only"), `use_rslora` (scaling `lora_alpha / sqrt(r)`), `modules_to_save`, `init_lora_weights` (True,
-    False, "gaussian"), `layers_to_transform`, `layers_pattern`, `rank_pattern`, `alpha_pattern`, `fan_in_fan_out`,
+    "lora_only"), `use_rslora` (scaling `lora_alpha / sqrt(r)`), `modules_to_save`, `init_lora_weights`,
+    `layers_to_transform`, `layers_pattern`, `rank_pattern`, `alpha_pattern`, `fan_in_fan_out`,
     `lora_bias`, `trainable_token_indices` (a list of rows of the input embeddings to train, or a dict of such
     lists per embedding module name), `layer_replication` (`[start, end)` ranges of decoder layers to stack into a
     deeper model whose repeated layers share base weights, each with its own LoRA), `ensure_weight_tying` (an output
@@ -62,6 +61,13 @@ class LoraConfig(PeftConfig):
     the MoE models whose targets HF PEFT rewrites (`moe_targets`); `target_modules=[]` targets parameters only),
     `use_dora` (DoRA: a trained magnitude per output row, see `peftfast.tuners.lora.dora`) and `runtime_config` (a
     `LoraRuntimeConfig`, not saved).
+
+    `init_lora_weights`: True (A kaiming-uniform, B zero), False (both random), "gaussian", "orthogonal", or one
+    that starts from the base weight: "pissa" / "pissa_niter_[n]" (its top singular directions, exact or by a
+    randomized SVD with n iterations), "olora" (its QR), "loftq" (with `loftq_config=LoftQConfig(...)`: the
+    quantization error), "corda" (`corda_config`, after `preprocess_corda`), "lora_ga" (`lora_ga_config`, after
+    `preprocess_loraga`), "eva" (`eva_config`, then `initialize_lora_eva_weights`). PiSSA, OLoRA, CorDA and LoRA-GA
+    move `scaling * B @ A` out of the base weight, LoftQ replaces it by its quantized value.
     """
 
     _peft_type = PeftType.LORA
@@ -75,7 +81,11 @@ class LoraConfig(PeftConfig):
     bias: Literal["none", "all", "lora_only"] = field(default="none")
     use_rslora: bool = field(default=False)
     modules_to_save: list[str] | None = field(default=None)
-    init_lora_weights: bool | Literal["gaussian"] = field(default=True)
+    init_lora_weights: (
+        bool
+        | Literal["gaussian", "eva", "olora", "pissa", "pissa_niter_[number of iters]", "corda", "loftq"]
+        | Literal["orthogonal", "lora_ga"]
+    ) = field(default=True)
     layers_to_transform: list[int] | int | None = field(default=None)
     layers_pattern: list[str] | str | None = field(default=None)
     rank_pattern: dict[str, int] | None = field(default_factory=dict)
@@ -83,10 +93,10 @@ class LoraConfig(PeftConfig):
     megatron_config: dict | None = field(default=None)
     megatron_core: str | None = field(default="megatron.core")
     trainable_token_indices: list[int] | dict[str, list[int]] | None = field(default=None)
-    loftq_config: dict = field(default_factory=dict)
-    eva_config: Any = field(default=None)
-    corda_config: Any = field(default=None)
-    lora_ga_config: Any = field(default=None)
+    loftq_config: LoftQConfig | dict = field(default_factory=dict)
+    eva_config: EvaConfig | None = field(default=None)
+    corda_config: CordaConfig | None = field(default=None)
+    lora_ga_config: LoraGAConfig | None = field(default=None)
     use_dora: bool = field(default=False)
     velora_config: Any = field(default=None)
     alora_invocation_tokens: list[int] | None = field(default=None)
@@ -140,11 +150,7 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise NotImplementedError(
-                f"init_lora_weights={self.init_lora_weights!r} is not implemented in peftfast; use True, False or "
-                "'gaussian'."
-            )
+        self._check_initialisation()
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ValueError(
                 f"lora_bias=True needs init_lora_weights=True or False (as in HF PEFT), got {self.init_lora_weights!r}."
@@ -172,6 +178,57 @@ class LoraConfig(PeftConfig):
             raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
         if self.lora_bias:
             raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+
+    def _check_initialisation(self) -> None:
+        """HF PEFT's rules for `init_lora_weights` and the sub-configs that go with it: a sub-config the chosen
+        initialisation doesn't use is dropped (loftq_config) or ignored, with a warning; EVA and CorDA fall back to
+        their default sub-config."""
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower() == "mica":
+            raise NotImplementedError(
+                "LoraConfig(init_lora_weights='mica') selects MiCA, which peftfast does not implement yet; use "
+                "another init_lora_weights, or HF PEFT for this adapter."
+            )
+        if not _is_known_initialisation(init):
+            raise ValueError(
+                f"init_lora_weights={init!r} is not an initialisation LoRA knows; use True, False, 'gaussian', "
+                "'pissa', 'pissa_niter_[number of iterations]', 'olora', 'orthogonal', 'loftq', 'eva', 'corda' or "
+                "'lora_ga'."
+            )
+        self.eva_config = subconfig(self.eva_config, EvaConfig, "eva_config")
+        self.corda_config = subconfig(self.corda_config, CordaConfig, "corda_config")
+        self.lora_ga_config = subconfig(self.lora_ga_config, LoraGAConfig, "lora_ga_config")
+        # One chain, as in HF PEFT: a stray loftq_config is reported before anything about EVA or CorDA.
+        if init == "loftq":
+            if not self.loftq_config:
+                raise ValueError("loftq_config must be set when init_lora_weights='loftq', e.g. LoftQConfig().")
+            if is_dataclass(self.loftq_config):
+                self.loftq_config = asdict(self.loftq_config)
+            _check_loftq_config(self.loftq_config)
+        elif self.loftq_config:
+            self.loftq_config = {}
+            warnings.warn(
+                "loftq_config is ignored (and dropped) because init_lora_weights is not 'loftq'.", stacklevel=3
+            )
+        elif init == "eva" and self.eva_config is None:
+            warnings.warn("init_lora_weights='eva' without eva_config: using EvaConfig().", stacklevel=3)
+            self.eva_config = EvaConfig()
+        elif init != "eva" and self.eva_config is not None:
+            warnings.warn("eva_config is ignored because init_lora_weights is not 'eva'.", stacklevel=3)
+        elif init == "corda" and self.corda_config is None:
+            warnings.warn(
+                "init_lora_weights='corda' without corda_config: using the default CordaConfig().", stacklevel=3
+            )
+            self.corda_config = CordaConfig()
+        elif init != "corda" and self.corda_config is not None:
+            warnings.warn("corda_config is ignored because init_lora_weights is not 'corda'.", stacklevel=3)
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and changes_base_weights(init):
+            warnings.warn(
+                f"init_lora_weights={init!r} changes the base weights, and with use_rslora plus rank_pattern or "
+                "alpha_pattern the trained adapter can't be converted to a plain LoRA "
+                "(save_pretrained(path_initial_model_for_weight_conversion=...) will refuse).",
+                stacklevel=3,
+            )
 
     def _register_custom_module(self, mapping: dict[type[nn.Module], type[nn.Module]]) -> None:
         """Use the user's LoRA layer class `mapping[base_type]` for every target that is a `base_type` (HF PEFT's
@@ -316,3 +373,30 @@ def _check_alora_invocation_tokens(config: LoraConfig) -> None:
         )
     if tokens and config.task_type != "CAUSAL_LM":
         warnings.warn("aLoRA is currently only supported for CAUSAL_LM task (as in HF PEFT).", stacklevel=4)
+
+
+def _is_known_initialisation(init: Any) -> bool:
+    if isinstance(init, bool):
+        return True
+    if not isinstance(init, str):
+        return False
+    if init.lower() in ("gaussian", "olora") or init in ("pissa", "orthogonal", "loftq", "eva", "corda", "lora_ga"):
+        return True
+    prefix, _, niter = init.partition("_niter_")
+    return prefix == "pissa" and niter.isdigit()
+
+
+def changes_base_weights(init: Any) -> bool:
+    """Whether initialisation `init` moves part of the base weight into the adapter (W = W_res + scaling * B @ A),
+    so that a trained adapter only works on W_res, unless converted (`path_initial_model_for_weight_conversion`)."""
+    return isinstance(init, str) and (
+        init.startswith("pissa") or init.lower() == "olora" or init in ("corda", "lora_ga")
+    )
+
+
+def _check_loftq_config(loftq_config: dict) -> None:
+    bits, iterations = loftq_config.get("loftq_bits", 4), loftq_config.get("loftq_iter", 1)
+    if bits not in (4, 8):
+        raise ValueError(f"loftq_config['loftq_bits'] must be 4 (NF4) or 8 (int8), got {bits!r}.")
+    if not isinstance(iterations, int) or iterations <= 0:
+        raise ValueError(f"loftq_config['loftq_iter'] must be a positive integer, got {iterations!r}.")

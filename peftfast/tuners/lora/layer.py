@@ -19,6 +19,7 @@ from ...utils.constants import UPCAST_DTYPES
 from ...utils.mixed_batch import AdapterRowGroups
 from ..tuners_utils import BaseTunerLayer
 from . import dora
+from . import init as lora_init
 from .alora import AloraOffsets, token_mask_for
 from .bank import LoraAdapterBank
 
@@ -156,10 +157,23 @@ class LoraLayer(BaseTunerLayer):
     def _set_dropout(self, adapter_name: str, lora_dropout: float) -> None:
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
 
-    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+    def reset_lora_parameters(
+        self,
+        adapter_name: str,
+        init_lora_weights: bool | str,
+        loftq_config: dict | None = None,
+        lora_ga_config: Any = None,
+    ) -> None:
         """HF PEFT's initialisations: True = A kaiming-uniform, B zero (embeddings: A zero, B normal);
-        "gaussian" = A ~ N(0, 1/r); False = leave both random (the adapter changes the output at once)."""
+        "gaussian" = A ~ N(0, 1/r); False = leave both random (the adapter changes the output at once); the other
+        strings ("pissa", "olora", "loftq", ...) are in `peftfast.tuners.lora.init`, LoftQ and LoRA-GA with their
+        sub-configs."""
         if init_lora_weights is False:
+            return
+        if isinstance(init_lora_weights, str) and init_lora_weights.lower() != "gaussian":
+            lora_init.initialise(
+                self, adapter_name, init_lora_weights, loftq_config=loftq_config, lora_ga_config=lora_ga_config
+            )
             return
         if adapter_name in self.lora_A:
             if init_lora_weights is True:
@@ -404,6 +418,11 @@ class LoraLayer(BaseTunerLayer):
         raise NotImplementedError
 
 
+def _initialisation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The sub-configs LoftQ and LoRA-GA initialisations read, from a layer's constructor/update_layer kwargs."""
+    return {name: kwargs[name] for name in ("loftq_config", "lora_ga_config") if name in kwargs}
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     """A bare nn.Linear with no hooks: its GEMM can be fused with the LoRA term."""
     return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
@@ -457,6 +476,7 @@ class Linear(nn.Module, LoraLayer):
             autocast_adapter_dtype=autocast_adapter_dtype,
             use_alora=use_alora,
             use_dora=use_dora,
+            **_initialisation_options(kwargs),
         )
 
     def update_layer(
@@ -480,7 +500,7 @@ class Linear(nn.Module, LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
         self.lora_bias[adapter_name] = lora_bias
         self.use_alora[adapter_name] = use_alora
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
         self._set_dora(adapter_name, use_dora, dora.DoraLinearLayer(fan_in_fan_out=self.fan_in_fan_out))
         self.set_adapter(self.active_adapters)
@@ -722,6 +742,7 @@ class Embedding(nn.Module, LoraLayer):
             lora_bias=lora_bias,
             autocast_adapter_dtype=autocast_adapter_dtype,
             use_dora=use_dora,
+            **_initialisation_options(kwargs),
         )
 
     def update_layer(
@@ -748,7 +769,7 @@ class Embedding(nn.Module, LoraLayer):
             weight.new_empty(self.out_features, r, dtype=torch.float32, device="cpu").normal_()
         )
         self.lora_bias[adapter_name] = lora_bias
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
         self._set_dora(adapter_name, use_dora, dora.DoraEmbeddingLayer(fan_in_fan_out=True))
         self.set_adapter(self.active_adapters)
@@ -856,6 +877,7 @@ class _ConvNd(nn.Module, LoraLayer):
             lora_bias=lora_bias,
             autocast_adapter_dtype=autocast_adapter_dtype,
             use_dora=use_dora,
+            **_initialisation_options(kwargs),
         )
 
     def update_layer(
@@ -886,7 +908,7 @@ class _ConvNd(nn.Module, LoraLayer):
         )
         self.lora_B[adapter_name] = conv_type(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
         self.lora_bias[adapter_name] = lora_bias
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
         self._set_dora(adapter_name, use_dora, _DORA_CONV_LAYERS[self._kernel_dim]())
         self.set_adapter(self.active_adapters)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -14,12 +16,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ...utils import merge_utils
+from ...utils import merge_utils, weight_journal
 from ...utils.mixed_batch import AdapterRowGroups
 from ...utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, input_embeddings_name
 from ...utils.warning import PeftWarning
 from ..tuners_utils import BaseTuner, BaseTunerLayer, replicate_layers
 from . import alora
+from . import init as lora_init
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 from .config import LoraConfig
 from .layer import Linear, LoraLayer, dispatch_custom, dispatch_default
@@ -113,6 +116,8 @@ class LoraModel(BaseTuner):
             "autocast_adapter_dtype": getattr(self, "_autocast_adapter_dtype", True),
             "use_dora": config.use_dora,
             "ephemeral_gpu_offload": config.runtime_config.ephemeral_gpu_offload,
+            "loftq_config": config.loftq_config,
+            "lora_ga_config": config.lora_ga_config,
         }
         if parameter_name is not None:
             variants = alora.variant_fields(config)
@@ -136,14 +141,15 @@ class LoraModel(BaseTuner):
             )
         if config.alora_invocation_tokens:
             kwargs["use_alora"] = True
-        if isinstance(target, LoraLayer):
-            layer_kwargs = {k: v for k, v in kwargs.items() if k not in ("fan_in_fan_out", "ephemeral_gpu_offload")}
-            target.update_layer(adapter_name, **layer_kwargs)
-            _check_dora_supported(config, adapter_name, target, current_key)
-            if self._check_tied_module_exists(config, current_key):
-                self._tie_to_embedding_adapter(target, adapter_name, config, current_key)
-            return
-        new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
+        with lora_init.naming(current_key):
+            if isinstance(target, LoraLayer):
+                layer_kwargs = {k: v for k, v in kwargs.items() if k not in ("fan_in_fan_out", "ephemeral_gpu_offload")}
+                target.update_layer(adapter_name, **layer_kwargs)
+                _check_dora_supported(config, adapter_name, target, current_key)
+                if self._check_tied_module_exists(config, current_key):
+                    self._tie_to_embedding_adapter(target, adapter_name, config, current_key)
+                return
+            new_module = self._create_new_module(config, adapter_name, target, current_key, **kwargs)
         _check_dora_supported(config, adapter_name, new_module, current_key)
         if self._check_tied_module_exists(config, current_key):
             self._tie_to_embedding_adapter(new_module, adapter_name, config, current_key)
@@ -306,6 +312,91 @@ class LoraModel(BaseTuner):
                 "mapping is not saved)."
             )
         return new_module
+
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False
+    ) -> None:
+        # PiSSA, OLoRA, LoftQ, CorDA and LoRA-GA rewrite base weights layer by layer: a failure part-way undoes that
+        # too, not only the module replacements.
+        if self.peft_config[adapter_name].init_lora_weights == "eva" and not low_cpu_mem_usage:
+            warnings.warn(
+                "init_lora_weights='eva' with low_cpu_mem_usage=False; low_cpu_mem_usage=True leaves the LoRA "
+                "weights unallocated until initialize_lora_eva_weights sets them, leaving more memory for its batches.",
+                stacklevel=3,
+            )
+        with weight_journal.reversible():
+            super().inject_adapter(
+                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+
+    def subtract_mutated_init(
+        self, output_state_dict: dict[str, torch.Tensor], adapter_name: str, kwargs: dict[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Turn the trained factors of an adapter whose initialisation moved part of the base weight into it
+        (PiSSA, OLoRA, CorDA, LoRA-GA: W = W_res + s B0 A0) into a plain LoRA on the original W, given the initial
+        factors as adapter `adapter_name`: training made W_res + s B A = W + s (B A - B0 A0), and
+        B A - B0 A0 = [B | -B0] @ [A ; A0], a LoRA of twice the rank (HF PEFT's conversion, same keys).
+
+        `output_state_dict` is the trained adapter's state dict as saved (HF PEFT's keys); returns the converted one.
+        """
+        from ...utils.save_and_load import get_peft_model_state_dict
+
+        state_dict = (kwargs or {}).get("state_dict")
+        initial = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=adapter_name)
+        converted = {}
+        for key, value in output_state_dict.items():
+            # The trained adapter's keys are relative to the PeftModel ("base_model.model...."), the initial
+            # adapter's to this tuner ("model....").
+            initial_key = key.split(".", 1)[1] if key.startswith("base_model.") else key
+            if "lora_A" in key:
+                converted[key] = torch.cat([value, initial[initial_key].to(value.dtype)], dim=0)
+            elif "lora_B" in key:
+                converted[key] = torch.cat([value, -initial[initial_key].to(value.dtype)], dim=1)
+        return converted
+
+    @classmethod
+    def _convert_state_dict_for_initial_model(
+        cls,
+        peft_model: nn.Module,
+        peft_config: LoraConfig,
+        path_initial_model_for_weight_conversion: str | os.PathLike,
+        output_state_dict: dict[str, torch.Tensor],
+        kwargs: dict[str, Any],
+    ) -> dict[str, torch.Tensor]:
+        """Load the initial adapter saved at `path_initial_model_for_weight_conversion` next to the trained one,
+        with init_lora_weights=True so that loading it changes no base weight (HF PEFT rewrites that folder's
+        config for this; here it is only read), convert with `subtract_mutated_init`, and take it out again: the
+        model is left as it was, train/eval mode included."""
+        from ...config import PeftConfig
+        from ...utils.rollback import ModuleTreeRollback
+        from ...utils.save_and_load import load_peft_weights
+
+        if peft_config.use_rslora and (peft_config.rank_pattern or peft_config.alpha_pattern):
+            raise ValueError(
+                "path_initial_model_for_weight_conversion can't convert an adapter that uses use_rslora together "
+                "with rank_pattern or alpha_pattern: doubling the rank changes rsLoRA's scaling per layer."
+            )
+        if not str(peft_config.init_lora_weights).lower().startswith(("pissa", "corda", "olora", "lora_ga", "true")):
+            warnings.warn(
+                "path_initial_model_for_weight_conversion only converts PiSSA/CorDA/OLoRA/LoRA-GA adapters to LoRA; "
+                f"this adapter has init_lora_weights={peft_config.init_lora_weights!r}.",
+                stacklevel=4,
+            )
+        path = os.fspath(path_initial_model_for_weight_conversion)
+        initial_config = copy.deepcopy(PeftConfig.from_pretrained(path))
+        if getattr(initial_config, "peft_type", None) != peft_config.peft_type:
+            raise ValueError(f"The initial adapter in {path!r} is not a LoRA adapter.")
+        initial_config.init_lora_weights = True
+        initial_config.inference_mode = True
+        weights = load_peft_weights(path)
+        initial_name = "__initial_for_conversion__"
+        rollback = ModuleTreeRollback(peft_model)
+        try:
+            peft_model.add_adapter(initial_name, initial_config)
+            peft_model._load_weights(weights, initial_name, False, False, path)
+            return peft_model.base_model.subtract_mutated_init(output_state_dict, initial_name, kwargs)
+        finally:
+            rollback.restore()
 
     @staticmethod
     def _replace_module(parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
