@@ -6,6 +6,7 @@ it is re-exported here because HF PEFT users import the tables from `peft.mappin
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -60,6 +61,12 @@ def get_peft_model(
         peft_config.base_model_name_or_path = name_or_path
     if revision is not None:
         peft_config.revision = revision
+    if getattr(peft_config, "init_lora_weights", None) == "eva" and not low_cpu_mem_usage:
+        warnings.warn(
+            "init_lora_weights='eva' with low_cpu_mem_usage=False; low_cpu_mem_usage=True leaves the LoRA weights "
+            "unallocated until initialize_lora_eva_weights sets them, leaving more memory for its batches.",
+            stacklevel=2,
+        )
     task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
     model_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type, PeftModel)
     return model_cls(

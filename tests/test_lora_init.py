@@ -705,3 +705,17 @@ def test_top_singular_triplets_against_a_full_svd(shape, rank):
     assert_close(U.T @ U, torch.eye(k), "kernel")
     zero_U, zero_S, zero_Vh = top_singular_triplets(torch.zeros(shape), rank)
     assert torch.equal(zero_S, torch.zeros(k)) and torch.isfinite(zero_U).all() and torch.isfinite(zero_Vh).all()
+
+
+def test_combining_a_pissa_adapter_leaves_the_base_alone():
+    # add_weighted_adapter builds the new adapter from the old one's config; HF PEFT then runs PiSSA a second time on
+    # the already reduced weights (changing every adapter's outputs). peftfast starts the combination plainly.
+    model = _peft_model(peftfast, _mlp(), init_lora_weights="pissa")
+    x = torch.randn(3, 11)
+    expected, weights = model(x), _parameters(model.get_base_model())
+    model.base_model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="cat")
+    assert model.peft_config["combined"].init_lora_weights is True
+    base_weights = {name: weights[name] for name in weights if "lora_" not in name}
+    assert all(torch.equal(_parameters(model.get_base_model())[name], value) for name, value in base_weights.items())
+    model.set_adapter("combined")
+    assert_close(model(x), expected, "kernel")

@@ -24,7 +24,7 @@ from ..tuners_utils import BaseTuner, BaseTunerLayer, replicate_layers
 from . import alora
 from . import init as lora_init
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
-from .config import LoraConfig
+from .config import LoraConfig, changes_base_weights
 from .layer import Linear, LoraLayer, dispatch_custom, dispatch_default
 from .mha import MultiheadAttention, dispatch_multihead_attention
 from .moe_targets import convert_v4_moe_targets
@@ -318,12 +318,6 @@ class LoraModel(BaseTuner):
     ) -> None:
         # PiSSA, OLoRA, LoftQ, CorDA and LoRA-GA rewrite base weights layer by layer: a failure part-way undoes that
         # too, not only the module replacements.
-        if self.peft_config[adapter_name].init_lora_weights == "eva" and not low_cpu_mem_usage:
-            warnings.warn(
-                "init_lora_weights='eva' with low_cpu_mem_usage=False; low_cpu_mem_usage=True leaves the LoRA "
-                "weights unallocated until initialize_lora_eva_weights sets them, leaving more memory for its batches.",
-                stacklevel=3,
-            )
         with weight_journal.reversible():
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
@@ -637,14 +631,19 @@ class LoraModel(BaseTuner):
             adapters, weights, combination_type, svd_rank
         )
         # rsLoRA is turned off so that the new adapter's scaling is exactly 1: the factors already hold the scalings.
+        first = self.peft_config[adapters[0]]
+        # The combined factors are computed below; an initialisation that rewrites base weights (PiSSA, LoftQ, ...)
+        # must not run again on the model's current weights (HF PEFT runs it and so changes the base a second time).
+        init = True if first.init_lora_weights == "loftq" or changes_base_weights(first.init_lora_weights) else None
         self.peft_config[adapter_name] = replace(
-            self.peft_config[adapters[0]],
+            first,
             r=new_rank,
             lora_alpha=new_rank,
             use_rslora=False,
             target_modules=new_targets,
             alpha_pattern={},
             rank_pattern={},
+            **({} if init is None else {"init_lora_weights": init, "loftq_config": {}}),
         )
         try:
             self.inject_adapter(self.model, adapter_name)
