@@ -383,7 +383,9 @@ class LoraModel(BaseTuner):
         initial_config.init_lora_weights = True
         initial_config.inference_mode = True
         weights = load_peft_weights(path)
-        initial_name = "__initial_for_conversion__"
+        initial_name = "initial_for_conversion"
+        while initial_name in peft_model.peft_config:
+            initial_name += "_"
         rollback = ModuleTreeRollback(peft_model)
         try:
             peft_model.add_adapter(initial_name, initial_config)
