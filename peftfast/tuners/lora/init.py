@@ -10,10 +10,13 @@ Each sets one layer's factors to PEFT's starting point and, where PEFT does, rew
 - "corda", "lora_ga": factors from what `preprocess_corda` / `preprocess_loraga` left on the layer, W_res as PiSSA;
 - "eva": B = 0 (A comes later, from `initialize_lora_eva_weights`).
 
-Results equal PEFT's, up to rounding, with two differences that change no output: the exact "pissa" and LoftQ use a
-truncated SVD, whose singular vectors may have the opposite sign of LAPACK's full SVD (each (a_i, b_i) pair flips
-together, so B @ A, W_res and training are the same); and the work is a small fraction of PEFT's (see
-`top_singular_triplets` and `_olora`).
+Results equal PEFT's, up to rounding, and the randomized ones ("pissa_niter_[n]", "orthogonal", LoRA-GA) draw from
+the global generator as PEFT does, so the same seed gives the same factors. The exact "pissa", LoftQ and CorDA's
+"ipm" compute only the top singular triplets (`top_singular_triplets`) and OLoRA only the first r QR columns
+(`_olora`), a fraction of PEFT's work; their singular vectors may have the opposite sign of LAPACK's full SVD, which
+changes no output (each (row of A, column of B) pair flips together: B @ A, W_res and training are the same).
+Where PEFT's result is broken, peftfast's is not: OLoRA and LoftQ on transformers' Conv1D (GPT-2) factor W, not
+its stored transpose.
 """
 
 from __future__ import annotations
