@@ -5,11 +5,13 @@ preprocessing), so the time is what a user waits for; both libraries also check 
 in the same run (`max_diff`: the largest difference of the base weights after initialisation, and of B @ A, which
 don't depend on the sign convention of singular vectors).
 
-    python bench/bench_lora_init.py            # the CPU set (a few minutes on 2 cores)
-    python bench/bench_lora_init.py --quick    # small shapes, a smoke test
+    python bench/bench_lora_init.py                              # the CPU set (about 10 minutes on 2 cores)
+    python bench/bench_lora_init.py --quick                      # small shapes, a smoke test
+    python bench/bench_lora_init.py --output-dir bench/results   # add a run to the committed reference results
 
 HF PEFT's LoftQ moves the weight to "cuda" unconditionally; without a GPU it runs here with "cuda" mapped to the
-CPU, which is what it would compute there. Results: bench/results/<device>-lora_init.csv.
+CPU, which is what it would compute there. Rows go to <output-dir>/<device>-lora_init.csv (`--output-dir` as for
+every benchmark: by default outside the checkout, see `peftfast.bench.default_output_dir`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ import torch
 from torch import nn
 
 import peftfast
-from peftfast.bench import ENVIRONMENT_COLUMNS, append_csv, environment, results_slug, time_fn
+from peftfast.bench import (
+    ENVIRONMENT_COLUMNS,
+    add_output_dir_argument,
+    append_csv,
+    environment,
+    results_slug,
+    time_fn,
+)
 from peftfast.tuners.lora.corda import preprocess_corda
 
 COLUMNS = ENVIRONMENT_COLUMNS + (
@@ -276,7 +285,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes, a smoke test")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per provider and case (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_output_dir_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{'case':<28} {'hf_peft ms':>11} {'peftfast ms':>11} {'hf/ours':>9} {'max_diff':>10}")
