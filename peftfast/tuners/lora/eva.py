@@ -61,7 +61,7 @@ class _IncrementalPCA:
         batch_sum = X.sum(dim=0, dtype=torch.float64)
         centred = X - batch_sum / batch_count
         correction = centred.sum(dim=0, dtype=torch.float64).square()
-        batch_scatter = centred.square().sum(dim=0, dtype=torch.float64) - correction / batch_count
+        batch_scatter = centred.square_().sum(dim=0, dtype=torch.float64) - correction / batch_count
         if var is None:
             return (old_sum + batch_sum) / total, batch_scatter / total, total
         ratio = count.double() / batch_count
