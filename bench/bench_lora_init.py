@@ -9,6 +9,8 @@ don't depend on the sign convention of singular vectors).
     python bench/bench_lora_init.py --quick                      # small shapes, a smoke test
     python bench/bench_lora_init.py --output-dir bench/results   # add a run to the committed reference results
 
+The two libraries take turns, one call each per round, each call timed in CPU time of the calling thread (torch on
+one thread by default), so that load from other jobs on a shared machine neither counts nor favours one of them.
 HF PEFT's LoftQ moves the weight to "cuda" unconditionally; without a GPU it runs here with "cuda" mapped to the
 CPU, which is what it would compute there. Rows go to <output-dir>/<device>-lora_init.csv (`--output-dir` as for
 every benchmark: by default outside the checkout, see `peftfast.bench.default_output_dir`).
@@ -20,7 +22,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import statistics
 import sys
+import time
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,11 +36,11 @@ from torch import nn
 import peftfast
 from peftfast.bench import (
     ENVIRONMENT_COLUMNS,
+    Timing,
     add_output_dir_argument,
     append_csv,
     environment,
     results_slug,
-    time_fn,
 )
 from peftfast.tuners.lora.corda import preprocess_corda
 
@@ -242,20 +246,39 @@ def _max_difference(theirs: nn.Module, ours: nn.Module) -> float:
     return worst
 
 
+def _time_side_by_side(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Timing]:
+    """Median and 20th/80th percentiles per provider. The providers take turns, one call each per round, and each
+    call is timed by the CPU time of the calling thread (torch runs on that one thread): on a shared, oversubscribed
+    machine that leaves out time spent waiting for a core, and load that drifts during a run hits both alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(warmup + repeats):
+        for name, fn in runs.items():
+            start = time.thread_time()
+            fn()
+            if round_ >= warmup:
+                times[name].append((time.thread_time() - start) * 1e3)
+    result = {}
+    for name, values in times.items():
+        quintiles = statistics.quantiles(values, n=5, method="inclusive")
+        result[name] = Timing(statistics.median(values), quintiles[0], quintiles[3])
+    return result
+
+
 def run(cases: list[Case], repeats: int, output_dir: Path) -> None:
     import peft
 
     device = torch.device("cpu")
     env = environment(device)
-    rows, table = [], []
+    rows = []
     warnings.filterwarnings("ignore")
     for case in cases:
-        timings, models = {}, {}
+        runs, models = {}, {}
         for provider, lib in (("hf_peft", peft), ("peftfast", peftfast)):
             make, initialise = _builders(case, lib, torch.Generator().manual_seed(0))
             models[provider] = initialise(make())
             # A fresh copy of the model each call (PiSSA & co. change its weights); the copy costs milliseconds.
-            timings[provider] = time_fn(lambda i=initialise, m=make: i(m()), device, repeats=repeats, warmup=1)
+            runs[provider] = lambda i=initialise, m=make: i(m())
+        timings = _time_side_by_side(runs, repeats)
         difference = _max_difference(models["hf_peft"], models["peftfast"])
         for provider, timing in timings.items():
             rows.append(
@@ -274,8 +297,7 @@ def run(cases: list[Case], repeats: int, output_dir: Path) -> None:
                 }
             )
         hf, ours = timings["hf_peft"].median_ms, timings["peftfast"].median_ms
-        table.append(f"{case.label:<28} {hf:>11.1f} {ours:>11.1f} {hf / ours:>8.2f}x {difference:>10.2g}")
-        print(table[-1], flush=True)
+        print(f"{case.label:<28} {hf:>11.1f} {ours:>11.1f} {hf / ours:>8.2f}x {difference:>10.2g}", flush=True)
     path = append_csv(output_dir / f"{results_slug(device)}-lora_init.csv", rows, COLUMNS)
     print(f"\n{len(rows)} rows appended to {path}")
 
