@@ -719,3 +719,12 @@ def test_combining_a_pissa_adapter_leaves_the_base_alone():
     assert all(torch.equal(_parameters(model.get_base_model())[name], value) for name, value in base_weights.items())
     model.set_adapter("combined")
     assert_close(model(x), expected, "kernel")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_on_a_base_rewritten_by_the_initialisation_matches_peft(init):
+    # DoRA's magnitude is taken after the initialisation moved part of W into the adapter (of W_res + s B A = W).
+    models = {name: _peft_model(lib, _mlp(), init_lora_weights=init, use_dora=True) for name, lib in LIBS.items()}
+    _assert_same_layers(models["peft"], models["peftfast"], "kernel", signs=init == "pissa")
+    x = torch.randn(4, 11)
+    assert_close(models["peftfast"](x), models["peft"](x), "kernel")
