@@ -39,6 +39,7 @@ from ..utils.other import (
 )
 from ..utils.peft_types import TaskType
 from ..utils.rollback import ModuleTreeRollback
+from ..utils.warning import PeftWarning
 from ._buffer_dict import BufferDict
 
 _NO_WEIGHT_TYING_MESSAGE = (
@@ -359,6 +360,26 @@ class BaseTunerLayer:
                 self.set_adapter(remaining)
             else:
                 self._active_adapter = []
+
+    def _get_embed_scale(self) -> torch.Tensor | None:
+        """The factor the base embedding's own forward multiplies its lookup by (`embed_scale`, e.g. transformers'
+        Gemma/Gemma2/Gemma3 scaled word embeddings), which an adapter's term added to that output must carry too;
+        None without one. HF PEFT's rule: a Python number becomes a tensor of the weight's dtype; a tensor of more
+        than one element is not applied (a PeftWarning says so)."""
+        base_layer = self.get_base_layer()
+        scale = getattr(base_layer, "embed_scale", None)
+        if isinstance(scale, (int, float)):
+            return torch.tensor(scale, device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        if isinstance(scale, torch.Tensor):
+            if scale.numel() == 1:
+                return scale
+            warnings.warn(
+                f"The embedding's embed_scale has shape {tuple(scale.shape)}, not a scalar: it is not applied to the "
+                "adapter's term (as in HF PEFT).",
+                PeftWarning,
+                stacklevel=3,
+            )
+        return None
 
 
 class BasePromptEncoder(nn.Module):

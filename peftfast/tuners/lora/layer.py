@@ -813,6 +813,11 @@ class Embedding(nn.Module, LoraLayer):
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         after_A = self._embed(x, self.lora_embedding_A[adapter].T)
         lora_out = (after_A @ self.lora_embedding_B[adapter].T) * self.scaling[adapter]
+        # `result` carries the scale a scaled embedding (Gemma's) applies in its forward: the adapter's term must too.
+        # DoRA's norm stays that of the unscaled W + s B A (HF PEFT's rule), so the scale enters the term only.
+        embed_scale = self._get_embed_scale()
+        if embed_scale is not None:
+            lora_out = lora_out * embed_scale.to(lora_out.dtype)
         if adapter in self.lora_magnitude_vector:
             magnitude = self.lora_magnitude_vector[adapter].weight
             return ops.dora_scale(result, lora_out, magnitude, self._dora_weight_norm(adapter))

@@ -222,23 +222,6 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
             weight = weight.index_copy(0, index, self.trainable_tokens_delta[name].to(weight))
         return weight
 
-    def _embed_scale(self) -> torch.Tensor | None:
-        """The scale some embeddings apply in their forward (e.g. Gemma's `embed_scale`), which the lookup here must
-        apply too since it bypasses that forward; None if there is none."""
-        base = self.get_base_layer()
-        scale = getattr(base, "embed_scale", None)
-        if isinstance(scale, (int, float)):
-            return torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
-        if isinstance(scale, torch.Tensor):
-            if scale.numel() == 1:
-                return scale
-            warnings.warn(
-                f"The embedding's embed_scale has shape {tuple(scale.shape)}, not a scalar; it is not applied to the "
-                "trainable tokens' lookup (as in HF PEFT).",
-                stacklevel=3,
-            )
-        return None
-
     def forward_adapters(self, x: torch.Tensor, active_adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The layer's output with the trained rows of `active_adapters` (the base output if none of them is here)."""
         present = self._present(active_adapters)
@@ -265,7 +248,8 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
                 scale_grad_by_freq=base.scale_grad_by_freq,
                 sparse=base.sparse,
             )
-            scale = self._embed_scale()
+            # The lookup above bypasses the embedding's own forward, and with it any scale that forward applies.
+            scale = self._get_embed_scale()
             return result if scale is None else result * scale.to(result.dtype)
         # An output layer tied to the embedding. As HF PEFT, its bias (tied heads have none) is not applied.
         return ops.linear_with_replaced_rows(x, base.weight, index, rows)
