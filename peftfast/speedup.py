@@ -3,13 +3,15 @@
 A model whose LoRA layers HF PEFT made (a `peft.PeftModel`, a transformers model with adapters attached through
 its PEFT integration, the modules of a diffusers pipeline after `load_lora_weights`) keeps its modules, weights,
 adapters and state_dict; only the forward of each LoRA layer peftfast can run exactly is replaced, at the instance,
-by one that calls `peftfast.ops.lora_linear` with that layer's own weights. `deaccelerate` removes the replacement.
+by one that calls `peftfast.ops.lora_linear` (plain LoRA) or `peftfast.ops.dora_linear` (DoRA) with that layer's own
+weights. `deaccelerate` removes the replacement.
 
 peft is never imported here: a model can only hold HF PEFT layers if the user has imported peft already.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -61,6 +64,19 @@ def _peft_lora_classes() -> tuple[type, type] | None:
     return BaseTunerLayer, Linear
 
 
+@functools.cache
+def _peft_dora_classes() -> tuple[type, type | None]:
+    """(peft's DoRA magnitude module for Linear layers, its DoRA variant class, None in peft versions from before
+    LoRA variants). Only called where a layer has DoRA adapters, so peft is imported."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:
+        return DoraLinearLayer, None
+    return DoraLinearLayer, DoraLinearVariant
+
+
 def _module_roots(model: Any) -> list[tuple[str, nn.Module]]:
     """(name prefix, module) of everything in `model` that can hold layers: the model itself, or each torch module
     among a pipeline's `components` (diffusers)."""
@@ -92,44 +108,135 @@ def _refusal(layer: nn.Module, lora_linear_cls: type) -> str | None:
         return "its base layer has forward hooks"
     if "forward" in layer.__dict__:
         return "its forward is already replaced on the instance (e.g. by an accelerate hook)"
-    if layer.fan_in_fan_out:
-        return "fan_in_fan_out=True"
     return _adapter_refusal(layer)
 
 
+def _is_dora(layer: nn.Module, name: str) -> bool:
+    return bool(getattr(layer, "use_dora", {}).get(name, False))
+
+
 def _adapter_refusal(layer: nn.Module) -> str | None:
-    """Why the adapters of a plain LoRA Linear layer can't run on `ops.lora_linear` (None if they can). Checked at
-    `accelerate` and again on every forward, since adapters can be added or changed afterwards."""
+    """Why the adapters of a LoRA Linear layer can't run on peftfast's ops (None if they can). Checked at `accelerate`
+    and again on every forward, since adapters can be added or changed afterwards."""
     if not getattr(layer, "cast_input_dtype_enabled", True):
         return "input dtype casting is disabled (peft.helpers.disable_input_dtype_casting)"
+    variants = getattr(layer, "lora_variant", {})
     for name in layer.lora_A:
-        variant = getattr(layer, "lora_variant", {}).get(name)
-        if variant is not None or getattr(layer, "use_dora", {}).get(name, False):
-            kind = "DoRA" if getattr(layer, "use_dora", {}).get(name, False) else type(variant).__name__
-            return f"adapter {name!r} is a LoRA variant ({kind}), which peftfast does not implement"
+        variant = variants.get(name)
+        if _is_dora(layer, name):
+            reason = _dora_refusal(layer, name, variant)
+            if reason is not None:
+                return reason
+        elif variant is not None:
+            return (
+                f"adapter {name!r} is a LoRA variant ({type(variant).__name__}); peftfast.accelerate takes over plain "
+                "LoRA and DoRA adapters only"
+            )
         dropout = layer.lora_dropout[name]
         if type(dropout) not in (nn.Dropout, nn.Identity):
             return f"adapter {name!r} has a dropout module of type {type(dropout).__name__}"
     return None
 
 
+def _dora_refusal(layer: nn.Module, name: str, variant: Any) -> str | None:
+    """Why a DoRA adapter's forward can't run on `ops.dora_linear` / `ops.dora_scale` exactly (None if it can)."""
+    magnitude_cls, variant_cls = _peft_dora_classes()
+    if variant is not None and type(variant) is not variant_cls:
+        return f"adapter {name!r} is a DoRA adapter of a variant class unknown to peftfast ({type(variant).__name__})"
+    magnitude = layer.lora_magnitude_vector[name]
+    if type(magnitude) is not magnitude_cls:
+        return f"adapter {name!r} has a DoRA magnitude module of type {type(magnitude).__name__}, unknown to peftfast"
+    if layer.fan_in_fan_out:
+        # HF PEFT's DoRA then takes its norms of the transposed weight of an nn.Linear (or fails on its shape).
+        return f"adapter {name!r} is a DoRA adapter and the layer has fan_in_fan_out=True"
+    if layer.lora_B[name].bias is not None:
+        return f"adapter {name!r} is a DoRA adapter with a lora_B bias"
+    return None
+
+
+def _lora_terms(layer: nn.Module, names: list[str]) -> tuple[list, list, list, list, list]:
+    """(A weights, B weights, B biases, scalings, dropout rates) of the named adapters, as the ops take them."""
+    lora_A, lora_B, biases, scalings, rates = [], [], [], [], []
+    for name in names:
+        lora_A.append(layer.lora_A[name].weight)
+        lora_B.append(layer.lora_B[name].weight)
+        biases.append(layer.lora_B[name].bias)
+        scalings.append(layer.scaling[name])
+        rates.append(getattr(layer.lora_dropout[name], "p", 0.0))
+    return lora_A, lora_B, biases, scalings, rates
+
+
+def _dora_norm(layer: nn.Module, name: str) -> torch.Tensor:
+    """||W_j + s (B A)_j|| of a DoRA adapter, fp32 [out], computed afresh on every call: HF PEFT's merge and user code
+    write the base weight through `.data`, which no version counter sees, so no cache of it could be trusted here."""
+    weight = layer.base_layer.weight
+    return ops.dora_weight_norm(weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])[0]
+
+
+def _dora_update(layer: nn.Module, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """HF PEFT's DoRA update of `result` (the output so far) by adapter `name`: g = m / norm rescales the bias-free
+    part; under dropout in training the base product is taken again on the dropped-out input."""
+    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
+    magnitude = layer.lora_magnitude_vector[name].weight
+    norm = _dora_norm(layer, name)
+    base = layer.base_layer
+    x = x.to(lora_A.weight.dtype)
+    if layer.training and not isinstance(dropout, nn.Identity):
+        dropped = dropout(x)
+        base_dropped = F.linear(dropped, base.weight.to(dropped.dtype))
+        return ops.dora_scale(result, lora_B(lora_A(dropped)) * scaling, magnitude, norm, base_dropped=base_dropped)
+    return ops.dora_scale(result, lora_B(lora_A(x)) * scaling, magnitude, norm, base.bias)
+
+
+def _forward_with_dora(layer: nn.Module, x: torch.Tensor, active: list[str]) -> tuple[torch.Tensor, str]:
+    """The output of a layer whose active adapters include a DoRA one, and the op that ran: `ops.dora_linear` (the
+    rescaling fused into the base GEMM) for one DoRA adapter; for several active adapters HF PEFT's order, the base
+    output then each adapter's update of it in turn, kept in the promoted dtype until the end as HF PEFT keeps it."""
+    base = layer.base_layer
+    if len(active) == 1:
+        name = active[0]
+        dropout = layer.lora_dropout[name]
+        result = ops.dora_linear(
+            x,
+            base.weight,
+            base.bias,
+            layer.lora_A[name].weight,
+            layer.lora_B[name].weight,
+            layer.lora_magnitude_vector[name].weight,
+            _dora_norm(layer, name),
+            layer.scaling[name],
+            getattr(dropout, "p", 0.0),
+            layer.training,
+        )
+        return result, "dora_linear"
+    result = F.linear(x, base.weight, base.bias)
+    result_dtype = result.dtype
+    result = result.to(torch.promote_types(result_dtype, layer.lora_A[active[0]].weight.dtype))
+    for name in active:
+        if _is_dora(layer, name):
+            result = _dora_update(layer, result, x, name)
+        else:
+            result = ops.lora_add(result, x, *_lora_terms(layer, [name]), training=layer.training)
+    return result.to(result_dtype), "dora_scale"
+
+
 def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """HF PEFT's LoRA Linear forward computed by `ops.lora_linear`; anything else (disabled or merged adapters,
-    mixed-adapter batches, extra arguments, a changed adapter) runs the layer's own forward."""
+    """HF PEFT's LoRA Linear forward computed by `ops.lora_linear` (DoRA adapters: `ops.dora_linear`, or
+    `ops.dora_scale` over several adapters); anything else (disabled or merged adapters, mixed-adapter batches, extra
+    arguments, a changed adapter) runs the layer's own forward."""
     state: _AcceleratedLayer = self.__dict__[_STATE_ATTR]
     active = [name for name in self.active_adapters if name in self.lora_A]
     if args or kwargs or self.disable_adapters or self.merged or not active or _adapter_refusal(self) is not None:
         state.last_backend = None
         return state.original_forward(x, *args, **kwargs)
+    if any(_is_dora(self, name) for name in active):
+        result, op = _forward_with_dora(self, x, active)
+        state.last_backend = ops.last_backend(op)
+        return result
     base = self.base_layer
-    lora_A, lora_B, biases, scalings, rates = [], [], [], [], []
-    for name in active:
-        lora_A.append(self.lora_A[name].weight)
-        lora_B.append(self.lora_B[name].weight)
-        biases.append(self.lora_B[name].bias)
-        scalings.append(self.scaling[name])
-        rates.append(getattr(self.lora_dropout[name], "p", 0.0))
-    result = ops.lora_linear(x, base.weight, base.bias, lora_A, lora_B, biases, scalings, rates, training=self.training)
+    terms = _lora_terms(self, active)
+    result = ops.lora_linear(x, base.weight, base.bias, *terms, training=self.training)
     state.last_backend = ops.last_backend("lora_linear")
     return result
 
@@ -141,10 +248,11 @@ def accelerate(model: Any) -> AccelerationReport:
     `model` is a torch module (a `peft.PeftModel`, a transformers model with PEFT adapters, any module holding
     HF PEFT layers) or a pipeline whose `components` hold such modules (diffusers). Taken over: HF PEFT's LoRA
     `Linear` layers on a plain `torch.nn.Linear` whose adapters are plain LoRA (dropout, rsLoRA, `lora_bias`,
-    several active adapters included). Their outputs and gradients are those of HF PEFT's forward up to float
-    rounding; modules, parameters and state_dict keys do not change. Any other HF PEFT adapter layer (embeddings,
-    convolutions, quantized bases, DoRA and other variants, other methods) is left as it was and reported in
-    `skipped`. Layers taken over already stay so and are listed again. peftfast's own layers are not touched.
+    several active adapters included) or DoRA (`use_dora=True`, its norms computed without materialising
+    W + s B A). Their outputs and gradients are those of HF PEFT's forward up to float rounding; modules, parameters
+    and state_dict keys do not change. Any other HF PEFT adapter layer (embeddings, convolutions, quantized bases,
+    LoRA variants other than DoRA, other methods) is left as it was and reported in `skipped`. Layers taken over
+    already stay so and are listed again. peftfast's own layers are not touched.
     """
     report = AccelerationReport()
     classes = _peft_lora_classes()

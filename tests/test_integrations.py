@@ -310,16 +310,99 @@ def test_accelerated_layers_fall_back_when_adapters_are_off_or_merged():
 
 
 def test_accelerate_reports_what_it_cannot_take_over():
-    model = _hf_peft_llama(target_modules=["q_proj", "v_proj"], use_dora=True)
+    model = _hf_peft_llama(target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6])
     report = peftfast.accelerate(model)
     assert report.accelerated == []
-    assert len(report.skipped) == 4 and all("DoRA" in reason for reason in report.skipped.values())
-    assert "DoRA" in str(report)
+    assert len(report.skipped) == 4
+    assert all("ALoraLinearVariant" in reason and "plain LoRA and DoRA" in reason for reason in report.skipped.values())
+    assert "ALoraLinearVariant" in str(report)
     with pytest.raises(TypeError, match="got a str"):
         peftfast.accelerate("not a model")
     # peftfast's own layers already run on peftfast's ops: nothing to take over, nothing to report.
     own = peftfast.get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     assert peftfast.accelerate(own) == peftfast.AccelerationReport()
+
+
+def test_accelerate_dora_refusals_name_the_adapter():
+    """DoRA layers peftfast can't run exactly stay HF PEFT's, with the reason: a DoRA embedding, and a DoRA adapter
+    on a Linear whose fan_in_fan_out was switched on (HF PEFT's DoRA then takes norms of the transposed weight),
+    which plain LoRA does not mind (its forward never reads the flag)."""
+    model = _hf_peft_llama(target_modules=["q_proj", "embed_tokens"], use_dora=True)
+    layers = model.base_model.model.model.layers
+    layers[1].self_attn.q_proj.fan_in_fan_out = True
+    report = peftfast.accelerate(model)
+    assert report.accelerated == ["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert "Embedding is not HF PEFT's plain LoRA Linear" in report.skipped["base_model.model.model.embed_tokens"]
+    reason = report.skipped["base_model.model.model.layers.1.self_attn.q_proj"]
+    assert "'default'" in reason and "fan_in_fan_out=True" in reason
+    plain = _hf_peft_llama(target_modules=["q_proj"])
+    plain.base_model.model.model.layers[0].self_attn.q_proj.fan_in_fan_out = True
+    assert len(peftfast.accelerate(plain).accelerated) == 2
+
+
+def _perturb_magnitudes(model: nn.Module) -> None:
+    """Move DoRA magnitudes off their initial norms, so that DoRA differs from the LoRA it starts as."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.5 * torch.randn(param.shape, generator=generator).to(param.dtype))
+
+
+def _seeded_logits_and_grads(model: nn.Module, inputs: torch.Tensor):
+    torch.manual_seed(11)
+    return _logits_and_grads(model, inputs)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
+def test_accelerate_takes_over_hf_peft_dora_layers(dropout):
+    """HF PEFT's DoRA Linear layers run on `ops.dora_linear`: the same outputs and gradients (magnitudes included) as
+    HF PEFT's forward, in training mode with dropout drawn from the same seed, and the same state_dict."""
+    model = _hf_peft_llama(target_modules=TARGETS, use_dora=True, lora_dropout=dropout)
+    _perturb_magnitudes(model)
+    model.train()
+    inputs = _input_ids()
+    keys = list(model.state_dict())
+    expected_logits, expected_grads = _seeded_logits_and_grads(model, inputs)
+    assert any("lora_magnitude_vector" in name for name in expected_grads)
+
+    with peftfast.accelerated(model) as report:
+        assert len(report.accelerated) == 2 * len(TARGETS) and report.skipped == {}
+        logits, grads = _seeded_logits_and_grads(model, inputs)
+        assert set(peftfast.speedup.accelerated_backends(model).values()) == {"torch"}
+    assert_close(logits, expected_logits, kind="kernel")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], kind="kernel")
+    assert list(model.state_dict()) == keys
+    assert not any("forward" in module.__dict__ for module in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_accelerate_dora_with_several_active_adapters(dtype):
+    """One DoRA adapter (`ops.dora_linear`), and several active adapters, DoRA and plain, applied in HF PEFT's order;
+    a bf16 base with fp32 adapters keeps HF PEFT's dtypes (outputs bf16, gradients fp32)."""
+    model = peft.get_peft_model(
+        tiny_llama().to(dtype),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=True),
+    )
+    model.add_adapter("plain", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("other", peft.LoraConfig(r=3, target_modules=["v_proj"], init_lora_weights=False, use_dora=True))
+    _perturb_magnitudes(model)
+    inputs = _input_ids()
+    # Per decoder layer: DoRA (A, B, magnitude) on both; q_proj's plain (A, B) and v_proj's other DoRA adapter.
+    for active, trained in ((["default"], 2 * (3 + 3)), (["default", "plain", "other"], 2 * (3 + 2 + 3 + 3))):
+        model.base_model.set_adapter(active)
+        expected_logits, expected_grads = _logits_and_grads(model, inputs)
+        with peftfast.accelerated(model) as report:
+            assert len(report.accelerated) == 4
+            logits, grads = _logits_and_grads(model, inputs)
+        assert logits.dtype == expected_logits.dtype == dtype
+        assert_close(logits, expected_logits, kind="kernel")
+        assert grads.keys() == expected_grads.keys() and len(grads) == trained
+        for name, grad in grads.items():
+            assert grad.dtype == expected_grads[name].dtype == torch.float32
+            assert_close(grad, expected_grads[name], kind="kernel", dtype=dtype)
 
 
 def test_accelerate_transformers_model_with_peft_integration_adapters():
@@ -350,3 +433,26 @@ def test_accelerate_runs_taken_over_layers_on_triton():
             assert peftfast.speedup.accelerated_backends(pipeline) == {"unet.lin0": "triton", "unet.lin1": "triton"}
     assert_close(actual, expected, kind="kernel")
     assert "forward" not in unet.lin0.__dict__
+
+
+@pytest.mark.cpu_kernels
+def test_accelerate_runs_hf_peft_dora_layers_on_triton():
+    # The DoRA kernels in Triton's interpreter, forward and backward (magnitude, A and B gradients).
+    mlp = MLP()
+    mlp.relu = nn.Tanh()
+    model = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights=False, use_dora=True), mlp
+    )
+    _perturb_magnitudes(model)
+    x = torch.randn(5, 11)
+    expected = model(x)
+    expected.square().mean().backward()
+    expected_grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with peftfast.accelerated(model), ops.use_backend("triton"):
+        actual = model(x)
+        assert peftfast.speedup.accelerated_backends(model) == {"lin0": "triton", "lin1": "triton"}
+        actual.square().mean().backward()
+    assert_close(actual, expected, kind="kernel")
+    for name, grad in expected_grads.items():
+        assert_close(dict(model.named_parameters())[name].grad, grad, kind="kernel")
