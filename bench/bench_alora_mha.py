@@ -14,18 +14,16 @@ Suites (every provider of a case runs on the same weights and inputs, in one run
   "fwd+bwd": a training step's forward and backward of the LM loss; "generate": greedy generation of 16 tokens.
   Providers: `base` (the model alone, frozen but for its input embeddings), `hf_peft_alora`, `peftfast_alora`, and
   `peftfast_lora` (the same adapter without alora_invocation_tokens: what the masking costs over plain LoRA).
-Timing: on a CUDA GPU triton's do_bench per provider (`peftfast.bench.time_fn`). On CPU the providers of a case take
-turns, one call each per round (after warm-up rounds), and each call is timed by the CPU time of the calling thread
-(`time.thread_time`, torch on one thread by default): on a shared, oversubscribed machine that leaves out the time
-spent waiting for a core, and load that drifts during a run hits every provider alike.
+Timing (`peftfast.bench.time_side_by_side`): on a CUDA GPU triton's do_bench per provider. On CPU the providers of a
+case take turns, one call each per round (after warm-up rounds), and each call is timed by the CPU time of the calling
+thread (torch on one thread by default; with `--threads` > 1, wall time): on a shared, oversubscribed machine that
+leaves out the time spent waiting for a core, and load that drifts during a run hits every provider alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -39,7 +37,7 @@ from peftfast.bench import (
     append_csv,
     environment,
     results_slug,
-    time_fn,
+    time_side_by_side,
 )
 
 COLUMNS = ENVIRONMENT_COLUMNS + ("suite", "provider", "case", "mode", "median_ms", "p20_ms", "p80_ms")
@@ -47,28 +45,6 @@ COLUMNS = ENVIRONMENT_COLUMNS + ("suite", "provider", "case", "mode", "median_ms
 MHA_CASES = [(384, 6, 4, 64, 16), (512, 8, 8, 128, 16)]
 ALORA_CASES = [(4, 128), (8, 256)]  # (batch, length)
 INVOCATION = [5, 6, 7]
-
-
-def _time_side_by_side(
-    runs: dict[str, tuple[Callable[[], None], list[torch.Tensor]]], device: torch.device, repeats: int, warmup: int = 2
-) -> dict[str, Timing]:
-    """Median and 20th/80th percentiles per provider (`runs`: provider -> (call, tensors whose grad to reset))."""
-    if device.type == "cuda":
-        return {name: time_fn(fn, device, grad_to_none=grads) for name, (fn, grads) in runs.items()}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_ in range(warmup + repeats):
-        for name, (fn, grads) in runs.items():
-            for tensor in grads:
-                tensor.grad = None
-            start = time.thread_time()
-            fn()
-            if round_ >= warmup:
-                times[name].append((time.thread_time() - start) * 1e3)
-    result = {}
-    for name, values in times.items():
-        quintiles = statistics.quantiles(values, n=5, method="inclusive")
-        result[name] = Timing(statistics.median(values), quintiles[0], quintiles[3])
-    return result
 
 
 def _hf_peft():
@@ -124,8 +100,8 @@ def run_mha(device: torch.device, repeats: int) -> list[tuple[str, str, str, Tim
                 provider: (_step(model, x, mode), [x] + [p for p in model.parameters() if p.requires_grad])
                 for provider, model in models.items()
             }
-            for provider, timing in _time_side_by_side(runs, device, repeats).items():
-                rows.append((provider, label, mode, timing))
+            for provider, timing in time_side_by_side(runs, device, repeats).items():
+                rows.append((provider, label, mode, timing.reported))
     return rows
 
 
@@ -202,8 +178,8 @@ def run_alora(device: torch.device, repeats: int) -> list[tuple[str, str, str, T
                 for provider, model in models.items()
             }
             mode_repeats = max(3, repeats // 4) if mode == "generate" else repeats
-            for provider, timing in _time_side_by_side(runs, device, mode_repeats).items():
-                rows.append((provider, label, mode, timing))
+            for provider, timing in time_side_by_side(runs, device, mode_repeats).items():
+                rows.append((provider, label, mode, timing.reported))
     return rows
 
 

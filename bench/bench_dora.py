@@ -3,6 +3,7 @@ same inputs in one run:
     hf_dora          HF PEFT's DoRA layer (it materialises W + s B A, d_out x d_in, every step);
     peftfast_dora    peftfast's DoRA layer on the backend "torch" (factored norm, no d_out x d_in temporary);
     triton_dora      the same layer on the backend "triton" (GPU only: fused kernels);
+    hf_dora_accel    HF PEFT's DoRA layer taken over by `peftfast.accelerate` (backend "torch"; "triton" on a GPU);
     hf_lora          HF PEFT's plain LoRA layer, the same A and B;
     peftfast_lora    peftfast's LoRA layer on the backend "torch";
     triton_lora      the same on "triton" (GPU only).
@@ -10,17 +11,18 @@ Cases (d_in = d_out = d): d=1024/T=256, d=2048/T=64, d=2048/T=128, d=4096/T=16, 
 Every layer is in training mode with a frozen base and trainable A, B (and magnitude); x requires grad.
 
 Reported per case: median ms of each provider, then hf_dora/peftfast_dora (peftfast's speedup over HF PEFT's DoRA),
-peftfast_dora/peftfast_lora (what DoRA costs over LoRA in peftfast) and hf_dora/hf_lora (the same in HF PEFT), and the
-peak memory of one step (what the step allocates at its peak beyond what existed before: on CUDA the allocator's
-peak, on CPU the peak of the allocations the torch profiler records) with the difference HF PEFT - peftfast in
-units of one fp32 d x d matrix. Before timing, peftfast's DoRA output and gradients are checked against HF PEFT's.
+peftfast_dora/peftfast_lora (what DoRA costs over LoRA in peftfast), hf_dora/hf_lora (the same in HF PEFT) and
+hf_dora/hf_dora_accel (what `peftfast.accelerate` gains on HF PEFT's own layer), and the peak memory of one step
+(what the step allocates at its peak beyond what existed before: on CUDA the allocator's peak, on CPU the peak of the
+allocations the torch profiler records) with the difference HF PEFT - peftfast in units of one fp32 d x d matrix.
+Before timing, peftfast's DoRA output and gradients (and the accelerated layer's) are checked against HF PEFT's.
 
-Timing: on a CUDA GPU triton's do_bench per provider (`peftfast.bench.time_fn`). On CPU the providers of a case take
-turns, one call each per round (`--repeats` rounds after `--warmup`), and each call is timed by the CPU time of the
-calling thread (`time.thread_time`; torch on one thread, `--threads 1`, the default): on a shared, oversubscribed
-machine that leaves out the time spent waiting for a core, and load that drifts during a run hits every provider
-alike (as bench/bench_alora_mha.py). With more threads, wall time. Median and 20th/80th percentiles per provider.
-Rows are appended to <output-dir>/dora_<device>.csv.
+Timing (`peftfast.bench.time_side_by_side`): on a CUDA GPU triton's do_bench per provider. On CPU the providers of a
+case take turns, one call each per round (`--repeats` rounds after `--warmup`), and each call is timed by the CPU
+time of the calling thread (torch on one thread, `--threads 1`, the default): on a shared, oversubscribed machine
+that leaves out the time spent waiting for a core, and load that drifts during a run hits every provider alike. With
+more threads, wall time. Median and 20th/80th percentiles per provider. Rows are appended to
+<output-dir>/dora_<device>.csv.
 
     python bench/bench_dora.py                               # the whole set (a few minutes on one CPU core)
     python bench/bench_dora.py --quick                       # d=1024/T=256 only, without dropout
@@ -30,9 +32,7 @@ Rows are appended to <output-dir>/dora_<device>.csv.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -42,14 +42,13 @@ from torch import nn
 
 from peftfast.bench import (
     ENVIRONMENT_COLUMNS,
-    Timing,
     add_output_dir_argument,
     append_csv,
     cpu_threads,
     environment,
     peak_memory_mb,
     results_slug,
-    time_fn,
+    time_side_by_side,
 )
 
 COLUMNS = ENVIRONMENT_COLUMNS + (
@@ -69,7 +68,7 @@ COLUMNS = ENVIRONMENT_COLUMNS + (
 CASES = [(1024, 256), (2048, 64), (2048, 128), (4096, 16)]
 DROPOUTS = [0.0, 0.1]
 RANK = 16
-PROVIDERS = ("hf_dora", "peftfast_dora", "triton_dora", "hf_lora", "peftfast_lora", "triton_lora")
+PROVIDERS = ("hf_dora", "peftfast_dora", "triton_dora", "hf_dora_accel", "hf_lora", "peftfast_lora", "triton_lora")
 
 
 class _OneLinear(nn.Module):
@@ -202,6 +201,11 @@ def main() -> int:
             if "triton_dora" in providers:
                 layers["triton_dora"] = (layers["peftfast_dora"][0], "triton")
                 layers["triton_lora"] = (layers["peftfast_lora"][0], "triton")
+            accelerated = _layer(peft, True, dropout, weights)
+            if peftfast.accelerate(accelerated).accelerated != [""]:
+                raise RuntimeError("peftfast.accelerate did not take over HF PEFT's DoRA layer")
+            layers["hf_dora_accel"] = (accelerated, "triton" if device.type == "cuda" else "torch")
+            _check_against_peft(layers["hf_dora"][0], accelerated, x, grad_y, layers["hf_dora_accel"][1])
             _check_against_peft(layers["hf_dora"][0], layers["peftfast_dora"][0], x, grad_y, "torch")
             if "triton_dora" in layers:
                 _check_against_peft(layers["hf_dora"][0], layers["peftfast_dora"][0], x, grad_y, "triton")
@@ -209,13 +213,13 @@ def main() -> int:
             for provider in providers:
                 layer, backend = layers[provider]
                 steps[provider] = (_step(layer, x, grad_y, backend), [x, *_trainable(layer)])
-            timings = _time_side_by_side(steps, device, args.repeats, args.warmup, thread_time=args.threads == 1)
+            timings = time_side_by_side(steps, device, args.repeats, args.warmup)
             ms, peaks = {}, {}
             for provider, (run, grads) in steps.items():
                 for tensor in grads:
                     tensor.grad = None
                 peak = peak_memory_mb(run, device, grads) if device.type == "cuda" else cpu_peak_memory_mb(run)
-                timing = timings[provider]
+                timing = timings[provider].reported
                 ms[provider], peaks[provider] = timing.median_ms, peak
                 rows.append(
                     env
@@ -230,39 +234,13 @@ def main() -> int:
     return 0
 
 
-def _time_side_by_side(
-    steps: dict[str, tuple[Callable[[], None], list[torch.Tensor]]],
-    device: torch.device,
-    repeats: int,
-    warmup: int,
-    thread_time: bool,
-) -> dict[str, Timing]:
-    """{provider: Timing}; on CPU the providers take turns, one call each per round (see the module docstring)."""
-    if device.type == "cuda":
-        return {provider: time_fn(run, device, grads) for provider, (run, grads) in steps.items()}
-    clock = time.thread_time if thread_time else time.perf_counter
-    times: dict[str, list[float]] = {provider: [] for provider in steps}
-    for round_ in range(warmup + repeats):
-        for provider, (run, grads) in steps.items():
-            for tensor in grads:
-                tensor.grad = None
-            start = clock()
-            run()
-            if round_ >= warmup:
-                times[provider].append((clock() - start) * 1e3)
-    timings = {}
-    for provider, values in times.items():
-        quintiles = statistics.quantiles(values, n=5, method="inclusive")
-        timings[provider] = Timing(statistics.median(values), quintiles[0], quintiles[3])
-    return timings
-
-
 def _print_row(d, tokens, dropout, ms, peaks, providers) -> None:
     times = "  ".join(f"{p} {ms[p]:8.3f} ms" for p in providers)
     ratios = (
         f"hf_dora/peftfast_dora {ms['hf_dora'] / ms['peftfast_dora']:.2f}  "
         f"peftfast_dora/peftfast_lora {ms['peftfast_dora'] / ms['peftfast_lora']:.2f}  "
-        f"hf_dora/hf_lora {ms['hf_dora'] / ms['hf_lora']:.2f}"
+        f"hf_dora/hf_lora {ms['hf_dora'] / ms['hf_lora']:.2f}  "
+        f"hf_dora/hf_dora_accel {ms['hf_dora'] / ms['hf_dora_accel']:.2f}"
     )
     if "triton_dora" in ms:
         ratios += f"  triton_dora/triton_lora {ms['triton_dora'] / ms['triton_lora']:.2f}"

@@ -15,11 +15,12 @@ The experts run transformers' default implementation ("grouped_mm", `--experts-i
 frozen and HF PEFT providers; peftfast's grouped forward replaces it whenever LoRA is active. The input requires grad
 (as inside a network) and the backward gets a random grad_output; LoRA weights start random (init_lora_weights=False).
 
-CPU timing: `--threads` torch threads (1 by default), the providers taking turns call by call (`--repeats` rounds after
-warm-up) so that load from other processes hits all of them alike; reported are the median wall time and the median
-process CPU time per step (the CPU time is what a busy shared machine changes least), and each provider's ratios to
-the frozen block and to HF PEFT. On a GPU each provider is timed with
-`triton.testing.do_bench` instead. Rows are appended to <output-dir>/moe-<device>.csv (see `--help`).
+CPU timing (`peftfast.bench.time_side_by_side`): `--threads` torch threads (1 by default), the providers taking turns
+call by call (`--repeats` rounds after warm-up) so that load from other processes hits all of them alike; reported
+are the median wall time and the median CPU time per step (of the calling thread on one thread, of the process with
+more; the CPU time is what a busy shared machine changes least), and each provider's ratios to the frozen block and
+to HF PEFT. On a GPU each provider is timed with `triton.testing.do_bench` instead. Rows are appended to
+<output-dir>/moe-<device>.csv (see `--help`).
 
     python bench/bench_moe.py                    # all three blocks
     python bench/bench_moe.py --blocks mixtral --tokens 256 --repeats 5
@@ -29,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -47,7 +46,7 @@ from peftfast.bench import (
     append_csv,
     environment,
     results_slug,
-    time_fn,
+    time_side_by_side,
 )
 
 COLUMNS = ENVIRONMENT_COLUMNS + (
@@ -154,27 +153,6 @@ def _step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, backend: str | 
     return run
 
 
-def _interleaved(steps: dict[str, Callable[[], None]], leaves: list[torch.Tensor], repeats: int, warmup: int):
-    """Median wall and process-CPU milliseconds (and wall 20th/80th percentiles) per provider, the providers taking
-    turns call by call."""
-    wall: dict[str, list[float]] = {name: [] for name in steps}
-    cpu: dict[str, list[float]] = {name: [] for name in steps}
-    for call in range(warmup + repeats):
-        for name, step in steps.items():
-            for leaf in leaves:
-                leaf.grad = None
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            step()
-            if call >= warmup:
-                wall[name].append((time.perf_counter() - start_wall) * 1e3)
-                cpu[name].append((time.process_time() - start_cpu) * 1e3)
-    results = {}
-    for name in steps:
-        quintiles = statistics.quantiles(wall[name], n=5, method="inclusive")
-        results[name] = (statistics.median(wall[name]), quintiles[0], quintiles[3], statistics.median(cpu[name]))
-    return results
-
-
 def run_block(args: argparse.Namespace, block: str, device: torch.device, env: dict) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = _models(block, args.hidden, args.rank, device, dtype, args.experts_implementation)
@@ -191,13 +169,12 @@ def run_block(args: argparse.Namespace, block: str, device: torch.device, env: d
     if experts.last_backend is None:
         raise RuntimeError(f"{block}: peftfast's experts did not run the grouped LoRA forward.")
     leaves = [x] + [p for model in models.values() for p in model.parameters() if p.requires_grad]
-    if device.type == "cuda":
-        results = {}
-        for name, step in steps.items():
-            timing = time_fn(step, device, grad_to_none=leaves)
-            results[name] = (timing.median_ms, timing.p20_ms, timing.p80_ms, float("nan"))
-    else:
-        results = _interleaved(steps, leaves, args.repeats, args.warmup)
+    runs = {name: (step, leaves) for name, step in steps.items()}
+    timings = time_side_by_side(runs, device, args.repeats, args.warmup)
+    results = {}
+    for name, timing in timings.items():
+        cpu_ms = float("nan") if timing.cpu is None else timing.cpu.median_ms
+        results[name] = (timing.wall.median_ms, timing.wall.p20_ms, timing.wall.p80_ms, cpu_ms)
     rows = []
     frozen_ms, frozen_cpu = results["frozen"][0], results["frozen"][3]
     hf_ms, hf_cpu = results["hf_peft"][0], results["hf_peft"][3]

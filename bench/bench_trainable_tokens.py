@@ -10,8 +10,13 @@ Providers, all on the same weights, trained rows and inputs:
     peftfast   peftfast's TrainableTokensLayer (looks the base rows up and puts the trained rows over them; the head
                computes the `k` replaced logits apart).
 Modes: "fwd" (forward of a training step), "fwd+bwd" (forward, then backward of a random gradient into the trained
-rows, and into the hidden states for the head). The ids include every trained token. The providers take turns over
-3 rounds and each reports its fastest round (median and 20th/80th percentiles of that round's calls).
+rows, and into the hidden states for the head). The ids include every trained token.
+
+Timing (`peftfast.bench.time_side_by_side`): on a CUDA GPU triton's do_bench per provider. On CPU the providers take
+turns, one call each per round (`--repeats` rounds after two warm-up rounds), and each call is timed by the CPU time
+of the calling thread (torch on one thread, the default; with `--threads` > 1, wall time): on a shared machine that
+leaves out the time spent waiting for a core, and load that drifts during a run hits every provider alike. Median and
+20th/80th percentiles per provider.
 
     python bench/bench_trainable_tokens.py            # the grid of this device (GPU: Llama-3 vocabulary, bf16)
     python bench/bench_trainable_tokens.py --quick    # a smoke run
@@ -36,12 +41,12 @@ from peftfast.bench import (
     ENVIRONMENT_COLUMNS,
     add_output_dir_argument,
     append_csv,
+    cpu_threads,
     environment,
     peak_memory_mb,
     results_slug,
-    time_fn,
+    time_side_by_side,
 )
-from peftfast.cli import cpu_threads
 
 COLUMNS = ENVIRONMENT_COLUMNS + (
     "layer",
@@ -69,7 +74,6 @@ GRIDS = {
     "cpu": {"embedding": [(32000, 1024, 512), (32000, 256, 128)], "head": [(32000, 256, 128)]},
 }
 TRAINED_ROWS = 16
-ROUNDS = 3
 
 
 class _Embedding(nn.Module):
@@ -140,16 +144,10 @@ def run_case(layer: str, vocab: int, dim: int, tokens: int, dtype: torch.dtype, 
                     y.backward(grad_y)
 
             runs[provider] = (run, grads)
-        # Providers take turns, ROUNDS times, and each keeps its fastest round: on a busy machine a burst of other
-        # work then slows one round of every provider rather than all the calls of one.
-        best = {}
-        for _ in range(ROUNDS):
-            for provider, (run, grads) in runs.items():
-                timing = time_fn(run, device, grads, repeats=repeats)
-                if provider not in best or timing.median_ms < best[provider].median_ms:
-                    best[provider] = timing
+        measured = time_side_by_side(runs, device, repeats)
         timings = {
-            provider: (best[provider], peak_memory_mb(run, device, grads)) for provider, (run, grads) in runs.items()
+            provider: (measured[provider].reported, peak_memory_mb(run, device, grads))
+            for provider, (run, grads) in runs.items()
         }
         for provider, (timing, peak) in timings.items():
             results.append(
@@ -178,7 +176,7 @@ def run_case(layer: str, vocab: int, dim: int, tokens: int, dtype: torch.dtype, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small case per layer")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per provider and round on CPU")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds on CPU, one call per provider each")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads on CPU (default: 1, as `peftfast bench`)"
     )

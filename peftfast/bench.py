@@ -4,7 +4,8 @@ What is measured: the wall time of one call of an op (median and 20th/80th perce
 random inputs for every provider of that op. On a CUDA GPU the timer is `triton.testing.do_bench` (CUDA events,
 warm-up, L2 cache flushed before every call); on CPU it is `time.perf_counter` around each call after a few warm-up
 calls. From the time: TFLOP/s and GB/s of the ideal work (see `lora_linear_work`), and, on GPU, the peak memory the
-op allocates beyond what was allocated before it started.
+op allocates beyond what was allocated before it started. Benchmarks that compare providers call by call on a shared
+CPU (`bench/bench_dora.py`, `bench_moe.py`, ...) time them with `time_side_by_side`.
 
 The only op so far is `lora_linear`; its providers are
     gemm             the bare frozen base layer, F.linear (forward; forward + dX for "fwd+bwd"), the floor to beat;
@@ -24,7 +25,7 @@ import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -117,8 +118,69 @@ def time_fn(
         elapsed_ms = (time.perf_counter() - start) * 1e3
         if call >= warmup:
             times.append(elapsed_ms)
-    quintiles = statistics.quantiles(times, n=5, method="inclusive")
-    return Timing(statistics.median(times), quintiles[0], quintiles[3])
+    return _summary(times)
+
+
+def _summary(times_ms: Sequence[float]) -> Timing:
+    quintiles = statistics.quantiles(times_ms, n=5, method="inclusive")
+    return Timing(statistics.median(times_ms), quintiles[0], quintiles[3])
+
+
+@dataclass(frozen=True)
+class SideBySideTiming:
+    """One provider's calls as `time_side_by_side` timed them. `wall`: wall time per call (on a CUDA GPU, do_bench's
+    CUDA-event times). `cpu`: CPU time per call (None on a GPU), of the calling thread when torch runs on one
+    intra-op thread, of the whole process with more. `reported`: the one a benchmark reports and takes ratios of:
+    `cpu` on one thread (it leaves out the time a shared, oversubscribed machine keeps the call waiting for a core),
+    else `wall` (with several threads CPU time adds up their work, which is no duration)."""
+
+    wall: Timing
+    cpu: Timing | None
+    reported: Timing
+
+
+def time_side_by_side(
+    runs: Mapping[str, tuple[Callable[[], object], Sequence[torch.Tensor]]],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 2,
+) -> dict[str, SideBySideTiming]:
+    """Time the providers of one case; `runs` maps each provider to (one call, the tensors whose `.grad` is reset to
+    None before every call).
+
+    CUDA: each provider on its own by `time_fn` (do_bench; `repeats` and `warmup` are not used). CPU: the providers
+    take turns, one call each per round, `warmup` untimed rounds then `repeats` timed ones, every call timed by the
+    wall clock and by the CPU clock (see `SideBySideTiming`): load that comes and goes during a run, other jobs on a
+    shared machine, then slows every provider alike instead of all the calls of one. Median and 20th/80th percentiles
+    per provider and clock.
+    """
+    if device.type == "cuda":
+        timings = {}
+        for name, (fn, grads) in runs.items():
+            timing = time_fn(fn, device, grads)
+            timings[name] = SideBySideTiming(wall=timing, cpu=None, reported=timing)
+        return timings
+    if repeats < 2:
+        raise ValueError(f"repeats must be at least 2 to give percentiles, got {repeats}")
+    one_thread = torch.get_num_threads() == 1
+    cpu_clock = time.thread_time if one_thread else time.process_time
+    wall_ms: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(warmup + repeats):
+        for name, (fn, grads) in runs.items():
+            for tensor in grads:
+                tensor.grad = None
+            start_wall, start_cpu = time.perf_counter(), cpu_clock()
+            fn()
+            end_cpu, end_wall = cpu_clock(), time.perf_counter()
+            if round_ >= warmup:
+                wall_ms[name].append((end_wall - start_wall) * 1e3)
+                cpu_ms[name].append((end_cpu - start_cpu) * 1e3)
+    timings = {}
+    for name in runs:
+        wall, cpu = _summary(wall_ms[name]), _summary(cpu_ms[name])
+        timings[name] = SideBySideTiming(wall=wall, cpu=cpu, reported=cpu if one_thread else wall)
+    return timings
 
 
 def peak_memory_mb(

@@ -6,6 +6,7 @@ Nothing here judges speed: times are only checked to exist and to be ordered.
 import csv
 import dataclasses
 import inspect
+import time
 import xml.etree.ElementTree as ElementTree
 
 import peft
@@ -59,6 +60,58 @@ def test_gpu_timer_calls_the_installed_do_bench_with_arguments_it_accepts(monkey
     assert bench.time_fn(lambda: None, torch.device("cuda"), grad_to_none=[x]) == bench.Timing(1.0, 0.5, 2.0)
     assert seen["quantiles"] == [0.5, 0.2, 0.8]
     assert seen["grad_to_none"] == [x]
+
+
+def test_side_by_side_timer_takes_turns_and_resets_grads():
+    x = torch.ones(3, requires_grad=True)
+    calls = []
+
+    def step(name):
+        def run():
+            assert x.grad is None
+            (x * 2).sum().backward()
+            calls.append(name)
+
+        return run
+
+    with bench.cpu_threads(1):
+        timings = bench.time_side_by_side({"a": (step("a"), [x]), "b": (step("b"), [x])}, CPU, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert timings.keys() == {"a", "b"}
+    for timing in timings.values():
+        for clock in (timing.wall, timing.cpu):
+            assert 0 <= clock.p20_ms <= clock.median_ms <= clock.p80_ms
+    with pytest.raises(ValueError, match="at least 2"):
+        bench.time_side_by_side({"a": (step("a"), [x])}, CPU, repeats=1)
+
+
+def test_side_by_side_timer_reports_cpu_time_on_one_thread_else_wall_time():
+    """A call that sleeps takes wall time but no CPU time: on one thread the reported time leaves it out, as it
+    leaves out the time a busy machine keeps a call waiting for a core."""
+    runs = {"sleeper": (lambda: time.sleep(0.02), [])}
+    with bench.cpu_threads(1):
+        one = bench.time_side_by_side(runs, CPU, repeats=2, warmup=0)["sleeper"]
+    assert one.wall.median_ms >= 20 and one.cpu.median_ms < 10
+    assert one.reported == one.cpu
+    with bench.cpu_threads(2):
+        two = bench.time_side_by_side(runs, CPU, repeats=2, warmup=0)["sleeper"]
+    assert two.reported == two.wall and two.wall.median_ms >= 20
+
+
+def test_side_by_side_timer_on_gpu_times_each_provider_with_do_bench(monkeypatch):
+    seen = []
+
+    def fake_time_fn(fn, device, grad_to_none=()):
+        seen.append((fn, list(grad_to_none)))
+        return bench.Timing(1.0, 0.5, 2.0)
+
+    monkeypatch.setattr(bench, "time_fn", fake_time_fn)
+    x = torch.zeros(1)
+    first, second = (lambda: None), (lambda: None)
+    timings = bench.time_side_by_side({"a": (first, [x]), "b": (second, [])}, torch.device("cuda"), repeats=5)
+    assert seen == [(first, [x]), (second, [])]
+    expected = bench.Timing(1.0, 0.5, 2.0)
+    assert timings["a"] == bench.SideBySideTiming(wall=expected, cpu=None, reported=expected)
 
 
 def test_work_counts_follow_the_documented_formula():

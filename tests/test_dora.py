@@ -954,7 +954,8 @@ def test_bench_runs_and_writes_its_rows(tmp_path, monkeypatch, capsys):
     assert bench_dora.main() == 0
     with open(tmp_path / "dora_cpu.csv") as handle:
         rows = list(csv.DictReader(handle))
-    providers = ("hf_dora", "peftfast_dora", "hf_lora", "peftfast_lora")
+    providers = ("hf_dora", "peftfast_dora", "hf_dora_accel", "hf_lora", "peftfast_lora")
     assert [(row["provider"], row["dropout"]) for row in rows] == [(p, d) for d in ("0", "0.1") for p in providers]
     assert all(float(row["median_ms"]) > 0 and float(row["peak_mem_mb"]) > 0 for row in rows)
-    assert "hf_dora/peftfast_dora" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "hf_dora/peftfast_dora" in out and "hf_dora/hf_dora_accel" in out
