@@ -10,7 +10,8 @@ don't depend on the sign convention of singular vectors).
     python bench/bench_lora_init.py --output-dir bench/results   # add a run to the committed reference results
 
 The two libraries take turns, one call each per round, each call timed in CPU time of the calling thread (torch on
-one thread by default), so that load from other jobs on a shared machine neither counts nor favours one of them.
+one thread by default; wall time with more: `peftfast.bench.time_side_by_side`), so that load from other jobs on a
+shared machine neither counts nor favours one of them.
 HF PEFT's LoftQ moves the weight to "cuda" unconditionally; without a GPU it runs here with "cuda" mapped to the
 CPU, which is what it would compute there. Rows go to <output-dir>/<device>-lora_init.csv (`--output-dir` as for
 every benchmark: by default outside the checkout, see `peftfast.bench.default_output_dir`).
@@ -22,9 +23,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import statistics
 import sys
-import time
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,11 +35,11 @@ from torch import nn
 import peftfast
 from peftfast.bench import (
     ENVIRONMENT_COLUMNS,
-    Timing,
     add_output_dir_argument,
     append_csv,
     environment,
     results_slug,
+    time_side_by_side,
 )
 from peftfast.tuners.lora.corda import preprocess_corda
 
@@ -246,24 +245,6 @@ def _max_difference(theirs: nn.Module, ours: nn.Module) -> float:
     return worst
 
 
-def _time_side_by_side(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Timing]:
-    """Median and 20th/80th percentiles per provider. The providers take turns, one call each per round, and each
-    call is timed by the CPU time of the calling thread (torch runs on that one thread): on a shared, oversubscribed
-    machine that leaves out time spent waiting for a core, and load that drifts during a run hits both alike."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_ in range(warmup + repeats):
-        for name, fn in runs.items():
-            start = time.thread_time()
-            fn()
-            if round_ >= warmup:
-                times[name].append((time.thread_time() - start) * 1e3)
-    result = {}
-    for name, values in times.items():
-        quintiles = statistics.quantiles(values, n=5, method="inclusive")
-        result[name] = Timing(statistics.median(values), quintiles[0], quintiles[3])
-    return result
-
-
 def run(cases: list[Case], repeats: int, output_dir: Path) -> None:
     import peft
 
@@ -277,8 +258,9 @@ def run(cases: list[Case], repeats: int, output_dir: Path) -> None:
             make, initialise = _builders(case, lib, torch.Generator().manual_seed(0))
             models[provider] = initialise(make())
             # A fresh copy of the model each call (PiSSA & co. change its weights); the copy costs milliseconds.
-            runs[provider] = lambda i=initialise, m=make: i(m())
-        timings = _time_side_by_side(runs, repeats)
+            runs[provider] = (lambda i=initialise, m=make: i(m()), [])
+        measured = time_side_by_side(runs, device, repeats, warmup=1)
+        timings = {provider: timing.reported for provider, timing in measured.items()}
         difference = _max_difference(models["hf_peft"], models["peftfast"])
         for provider, timing in timings.items():
             rows.append(
