@@ -1062,3 +1062,8 @@ def dispatch_custom(target: nn.Module, adapter_name: str, lora_config: Any, **kw
         if isinstance(base, base_type):
             return layer_cls(target, adapter_name, config=lora_config, **kwargs)
     return None
+
+
+# HF PEFT also defines `MultiheadAttention` and `ParamWrapper` in this module. peftfast's live in mha.py and
+# param_wrapper.py, which import this module; the package's __init__ puts them into this namespace, so that
+# `from peftfast.tuners.lora.layer import ParamWrapper` works as PEFT users write it.
