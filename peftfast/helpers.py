@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .peft_model import PeftModel
-from .tuners.lora import LoraLayer
+from .tuners.lora import LoraLayer, dora
 from .tuners.tuners_utils import BaseTunerLayer
 
 __all__ = [
@@ -126,3 +126,27 @@ def disable_input_dtype_casting(model: nn.Module, active: bool = True) -> Iterat
         for name, module in model.named_modules():
             if isinstance(module, BaseTunerLayer) and name in original_values:
                 module.cast_input_dtype_enabled = original_values[name]
+
+
+class DoraCaching:
+    """HF PEFT's switch for caching DoRA weight norms, as a context manager (`with DoraCaching(): ...`) or a call
+    (`DoraCaching()(enabled=False)`, lasting until the next call).
+
+    HF PEFT caches only inside this context. peftfast caches by default: an entry is one `[out]` vector per layer,
+    and it is used only for the very tensors it was computed from (see `peftfast.tuners.lora.dora`), so results are
+    the same either way. `enabled=False` turns the cache off (every forward computes the norms again)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.prev_value: bool | None = None
+
+    def __enter__(self) -> None:
+        self.prev_value = dora.CACHING
+        dora.CACHING = self.enabled
+
+    def __exit__(self, *exc_info: object) -> None:
+        dora.CACHING = self.prev_value
+        self.prev_value = None
+
+    def __call__(self, enabled: bool = True) -> None:
+        dora.CACHING = enabled

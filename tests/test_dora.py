@@ -864,6 +864,33 @@ def test_norm_cache_serves_frozen_adapters_and_never_a_stale_norm(monkeypatch, t
         assert_close(_forward(model, x), _forward(fresh, x))
 
 
+def test_dora_caching_helper_switches_the_norm_cache(monkeypatch, tmp_path):
+    """HF PEFT's `helpers.DoraCaching`: with it off every forward computes the norms again; the outputs are the same."""
+    from peftfast import helpers
+
+    _dora_model("peftfast", "mlp").save_pretrained(tmp_path)
+    model = peftfast.PeftModel.from_pretrained(_base("mlp"), tmp_path)
+    x = _inputs("mlp")
+    calls = _count_norms(monkeypatch)
+    with torch.no_grad():
+        cached = _forward(model, x)
+        with helpers.DoraCaching(enabled=False):
+            assert torch.equal(_forward(model, x), cached) and calls[0] == 6
+            assert torch.equal(_forward(model, x), cached) and calls[0] == 9
+        # The entries from before are still those of these very tensors.
+        with helpers.DoraCaching():
+            assert torch.equal(_forward(model, x), cached) and calls[0] == 9
+        switch = helpers.DoraCaching()
+        switch(enabled=False)
+        try:
+            _forward(model, x)
+            assert calls[0] == 12
+        finally:
+            switch(enabled=True)
+        _forward(model, x)
+        assert calls[0] == 12
+
+
 def test_trainable_adapters_recompute_only_the_rank_terms(monkeypatch):
     """Training: ||W_j||^2 of the frozen base is computed once (the first forward: at the adapter's creation the base
     weight was not frozen yet); after that the fused op gets ||W_j||^2 and takes the rank-r terms of the norm from

@@ -73,6 +73,7 @@ NAMES = {
         "set_base_model_state_dict",
     ],
     "helpers": [
+        "DoraCaching",
         "check_if_peft_model",
         "disable_input_dtype_casting",
         "rescale_adapter_scale",

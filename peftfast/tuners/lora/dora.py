@@ -84,6 +84,11 @@ def _key(tensor: torch.Tensor) -> tuple:
     return (weakref.ref(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.device)
 
 
+# Whether DoraCache keeps norms at all (on by default: entries are exact and an [out] vector each). HF PEFT's
+# `helpers.DoraCaching` switches it; HF PEFT itself caches only inside that context.
+CACHING = True
+
+
 def _matches(key: tuple | None, tensor: torch.Tensor) -> bool:
     return key is not None and key[0]() is tensor and key[1:] == _key(tensor)[1:]
 
@@ -107,7 +112,7 @@ class DoraCache:
     def _cached(self, layer: Any, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(norm, ||W_j||^2) of `adapter` where the cache holds them for these very tensors, else None each."""
         base_weight = layer.get_base_layer().weight
-        if base_weight.requires_grad or not _matches(self._base_key, base_weight):
+        if not CACHING or base_weight.requires_grad or not _matches(self._base_key, base_weight):
             return None, None
         lora_A, lora_B = layer._dora_factors(adapter)
         cached = self._norms.get(adapter)
@@ -124,7 +129,7 @@ class DoraCache:
             return norm
         norm, weight_sq = layer._dora_weight_norm_terms(adapter, weight_sq)
         base_weight = layer.get_base_layer().weight
-        if not base_weight.requires_grad:
+        if CACHING and not base_weight.requires_grad:
             self._base_key, self._base_sq = _key(base_weight), weight_sq
             lora_A, lora_B = layer._dora_factors(adapter)
             if not (lora_A.requires_grad or lora_B.requires_grad):
