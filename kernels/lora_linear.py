@@ -29,31 +29,149 @@ def _precision(dot_dtype: torch.dtype) -> str:
     return "ieee" if dot_dtype == torch.float32 else "tf32"
 
 
+@triton.jit
+def _mix32(h):
+    # murmur3's 32-bit finalizer: a bijection of uint32 in which every input bit flips every output bit with
+    # probability ~1/2.
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _seed_key(seed_ptr):
+    """The per-call key of the dropout hash, from the int64 seed tensor (both halves of it)."""
+    seed = tl.load(seed_ptr)
+    low = (seed & 0xFFFFFFFF).to(tl.uint32)
+    high = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return _mix32(low ^ _mix32(high + 0x9E3779B9))
+
+
+@triton.jit
+def _keep(key, offsets, p):
+    """keep[i] = u(key, offsets[i]) >= p, u uniform on [0, 1) in steps of 2^-24: the dropout mask of every kernel.
+
+    A counter-based hash (a Weyl step then `_mix32`), not tl.rand: Philox keeps four 32-bit words per element live
+    while it runs, and over a whole 128x256 output tile that alone spilled the dX kernel on sm_80 and sm_90; this
+    keeps one. Distinct offsets give distinct hashes for a key (both steps are bijections)."""
+    return _keep_hashed(offsets.to(tl.uint32) * 0x9E3779B1 + key, p)
+
+
+@triton.jit
+def _keep_hashed(weyl, p):
+    return (_mix32(weyl) >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p
+
+
+@triton.jit
+def _keep_rows_cols(key, rows, cols, width, p):
+    """`_keep(key, rows[:, None] * width + cols[None, :], p)` with the Weyl step split into a row and a column term
+    (equal mod 2^32), so the [rows, cols] tile needs no per-element index: fewer live registers beside a big
+    accumulator."""
+    row_term = rows.to(tl.uint32) * width.to(tl.uint32) * 0x9E3779B1 + key
+    col_term = cols.to(tl.uint32) * 0x9E3779B1
+    return _keep_hashed(row_term[:, None] + col_term[None, :], p)
+
+
 def _rank_block(r: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(r))
 
 
+def device_properties(tensor: torch.Tensor) -> dict[str, int]:
+    """The limits of the GPU `tensor` lives on (max_shared_mem per block, multiprocessor_count, ...), as Triton's
+    active driver reports them: the real GPU's, or the compile gate's stand-in target for `meta` tensors."""
+    driver = triton.runtime.driver.active
+    index = tensor.device.index if tensor.device.type == "cuda" and tensor.device.index is not None else None
+    return _device_properties(driver, driver.get_current_device() if index is None else index)
+
+
+_PROPERTIES: dict[tuple[int, int], dict[str, int]] = {}
+
+
+def _device_properties(driver: object, index: int) -> dict[str, int]:
+    key = (id(driver), index)
+    if key not in _PROPERTIES:
+        _PROPERTIES[key] = driver.utils.get_device_properties(index)
+    return _PROPERTIES[key]
+
+
+def _pipelined_bytes(stages: int, *tiles: tuple[int, int]) -> int:
+    """Shared memory a software-pipelined loop asks for: `stages` buffers of each (elements, bytes per element) tile."""
+    return stages * sum(elements * size for elements, size in tiles)
+
+
+def _adapter_tile(block_r: int, warps: int) -> int:
+    """The other side of a [tile, BLOCK_R] adapter-sized tile: 1024 elements a warp, between 16 and 128."""
+    return max(MIN_DOT, min(128, 1024 * warps // block_r))
+
+
+def _warps_for_rank(block_r: int) -> int:
+    # Rank 64 and up: 8 warps share the [64, BLOCK_R] accumulator and operand tiles (on 4 warps lora_grad_dy spilled
+    # at rank 128 and lora_shrink with dropout at rank 64, on sm_80).
+    return 8 if block_r >= 64 else 4
+
+
+def _fitting_stages(properties: dict[str, int], *tiles: tuple[int, int], most: int = 3) -> int:
+    """The most pipeline stages (up to `most`, at least 1) whose buffers of `tiles` fit the device's shared memory."""
+    stages = most
+    while stages > 1 and _pipelined_bytes(stages, *tiles) > properties["max_shared_mem"]:
+        stages -= 1
+    return stages
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). The 128x256 tile (8 warps, 128 fp32 accumulator registers a thread) is
+# the shape cuBLAS uses for large bf16 GEMMs on H100; 128x128 and the 64-wide tiles serve narrow outputs and fewer
+# tokens. Every one compiles for sm_80 and sm_90 without spills, the dropout variant included (see the compile gate);
+# on a GPU with less shared memory `_prune_dual_matmul_configs` drops those that don't fit.
+DUAL_MATMUL_TILES = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 32, 4, 4),
+]
+
+
 def dual_matmul_configs() -> list[triton.Config]:
-    """Autotune space for `dual_matmul` (block sizes, warps, stages)."""
-    configs = []
-    for block_m, block_n, block_k, warps, stages in [
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 32, 4, 4),
-    ]:
-        configs.append(
-            triton.Config(
-                {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                num_warps=warps,
-                num_stages=stages,
-            )
+    """Autotune space for `dual_matmul` (block sizes, warps, stages), before pruning for the GPU at hand."""
+    return [
+        triton.Config(
+            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+            num_warps=warps,
+            num_stages=stages,
         )
-    return configs
+        for block_m, block_n, block_k, warps, stages in DUAL_MATMUL_TILES
+    ]
 
 
-@triton.jit
+def dual_matmul_shared_bytes(config: triton.Config, first_size: int, second_size: int, block_r: int) -> int:
+    """Shared memory estimate of one `dual_matmul` config: the main loop's pipelined A and B tiles, or the LoRA loop's
+    single buffers if larger (it runs first, unpipelined, and its shared memory is reused after it)."""
+    block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    main = _pipelined_bytes(config.num_stages, (block_m * block_k, first_size), (block_k * block_n, first_size))
+    lora = _pipelined_bytes(1, (block_m * block_r, second_size), (block_r * block_n, second_size))
+    return max(main, lora)
+
+
+def _prune_dual_matmul_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep the configs whose shared memory fits the device (at least the smallest config is always kept)."""
+    out = named_args["out_ptr"]
+    limit = device_properties(out)["max_shared_mem"]
+    first = named_args["a1_ptr"].element_size() if kwargs.get("HAS_FIRST", True) else 0
+    second = max(named_args["a2_ptr"].element_size(), named_args["b2_ptr"].element_size())
+    if not kwargs.get("HAS_FIRST", True):
+        # Only the LoRA term, added into `out`: bound by reading and writing out, so big tiles buy nothing, and
+        # more than 64 output elements a thread spilled (128x256 with the dropout mask, 128x128 on 4 warps).
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+    fitting = [c for c in configs if dual_matmul_shared_bytes(c, first, second, kwargs["BLOCK_R"]) <= limit]
+    return fitting or [min(configs, key=lambda c: dual_matmul_shared_bytes(c, first, second, kwargs["BLOCK_R"]))]
+
+
+@triton.jit(do_not_specialize=["seed_ptr"])
 def _dual_matmul_kernel(
     # pointers
     a1_ptr,
@@ -78,8 +196,8 @@ def _dual_matmul_kernel(
     stride_b2n,
     stride_om,
     stride_on,
-    # dropout of the second product's output
-    seed,
+    # dropout of the second product's output (the seed is data: a 1-element int64 tensor)
+    seed_ptr,
     p,
     keep_scale,
     # meta-parameters
@@ -110,7 +228,29 @@ def _dual_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    # One fp32 accumulator. The LoRA product (and its dropout mask) is computed first, so the main loop carries only
+    # the accumulator: a second accumulator beside it, or tl.rand's temporaries after it, made the 128x256 tile and
+    # every dropout tile spill on sm_90.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_SECOND:
+        # Rank-sized: one or two iterations, nothing to overlap, so no pipeline buffers (num_stages=1).
+        for r0 in tl.range(0, K2, BLOCK_R, num_stages=1):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < K2
+            a2 = tl.load(
+                a2_ptr + offs_m[:, None] * stride_a2m + offs_r[None, :] * stride_a2k,
+                mask=mask_m[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            b2 = tl.load(
+                b2_ptr + offs_r[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
+                mask=mask_r[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE), input_precision=PRECISION)
+        if MASK_SECOND:
+            keep = _keep_rows_cols(_seed_key(seed_ptr), offs_m, offs_n, N, p)
+            acc = tl.where(keep, acc * keep_scale, 0.0)
 
     if HAS_FIRST:
         for k0 in range(0, K1, BLOCK_K):
@@ -128,28 +268,6 @@ def _dual_matmul_kernel(
             )
             acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
 
-    if HAS_SECOND:
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, K2, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < K2
-            a2 = tl.load(
-                a2_ptr + offs_m[:, None] * stride_a2m + offs_r[None, :] * stride_a2k,
-                mask=mask_m[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            b2 = tl.load(
-                b2_ptr + offs_r[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
-                mask=mask_r[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc2 += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE), input_precision=PRECISION)
-        if MASK_SECOND:
-            flat = offs_m[:, None] * N + offs_n[None, :]
-            keep = tl.rand(seed, flat) >= p
-            acc2 = tl.where(keep, acc2 * keep_scale, 0.0)
-        acc += acc2
-
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -162,12 +280,21 @@ def _dual_matmul_kernel(
 # restore_value: autotuning runs the kernel several times, which would add into `out` again and again when
 # ACCUMULATE is set.
 _dual_matmul_tuned = triton.autotune(
-    configs=dual_matmul_configs(), key=["M", "N", "K1", "K2"], restore_value=["out_ptr"]
+    configs=dual_matmul_configs(),
+    key=["M", "N", "K1", "K2"],
+    restore_value=["out_ptr"],
+    prune_configs_by={"early_config_prune": _prune_dual_matmul_configs},
 )(_dual_matmul_kernel)
 
 
 def _on_interpreter(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
+
+
+def _check_seed(name: str, dropout_p: float, seed: torch.Tensor | None) -> None:
+    if dropout_p > 0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
+        got = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)}"
+        raise ValueError(f"{name}: dropout needs the seed as a 1-element int64 tensor, got {got}.")
 
 
 def dual_matmul(
@@ -180,17 +307,18 @@ def dual_matmul(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     accumulate: bool = False,
     dot_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Semantics: out (+)= a1 @ b1 + keep(seed, p) * (a2 @ b2) / (1 - p) + bias, in fp32 accumulation.
 
-    Shapes: a1 [M, K1], b1 [K1, N], a2 [M, K2], b2 [K2, N], bias [N]; the dropout mask is drawn per output
-    element from `seed` and its flat index m * N + n.
+    Shapes: a1 [M, K1], b1 [K1, N], a2 [M, K2], b2 [K2, N], bias [N]; seed a 1-element int64 tensor (needed when
+    dropout_p > 0); the dropout mask is drawn per output element from the seed and its flat index m * N + n.
     """
     if a1 is None and a2 is None:
         raise ValueError("dual_matmul needs at least one product.")
+    _check_seed("dual_matmul", dropout_p, seed)
     ref = a1 if a1 is not None else a2
     M = ref.shape[0]
     N = (b1 if b1 is not None else b2).shape[1]
@@ -220,7 +348,9 @@ def dual_matmul(
         ACCUMULATE=accumulate,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or ref.dtype],
         PRECISION=_precision(dot_dtype or ref.dtype),
-        BLOCK_R=_rank_block(min(K2, 64)) if K2 else MIN_DOT,
+        # Rank blocks of 16 (the smallest tensor-core dot): the LoRA operands are fp32 for HF PEFT's default adapters
+        # and are cast in registers; 64-wide blocks of them spilled the 128x128 and larger tiles at rank >= 64.
+        BLOCK_R=MIN_DOT,
     )
     args = (
         a1_,
@@ -243,7 +373,7 @@ def dual_matmul(
         b2_.stride(1),
         out.stride(0),
         out.stride(1),
-        seed,
+        seed if seed is not None else dummy,
         dropout_p,
         keep_scale,
     )
@@ -260,7 +390,7 @@ def dual_matmul(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_ptr"])
 def _lora_shrink_kernel(
     x_ptr,
     a_ptr,
@@ -274,7 +404,7 @@ def _lora_shrink_kernel(
     stride_ak,
     stride_om,
     stride_or,
-    seed,
+    seed_ptr,
     p,
     scale,
     APPLY_DROPOUT: tl.constexpr,
@@ -290,6 +420,8 @@ def _lora_shrink_kernel(
     mask_m = offs_m < M
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if APPLY_DROPOUT:
+        seed = _seed_key(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -299,7 +431,7 @@ def _lora_shrink_kernel(
             other=0.0,
         )
         if APPLY_DROPOUT:
-            keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+            keep = _keep(seed, offs_m[:, None] * K + offs_k[None, :], p)
             x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
         a = tl.load(
             a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
@@ -319,24 +451,36 @@ def lora_shrink(
     lora_A: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     dot_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Semantics: S = scale * dropout(x, p; seed) @ A.T, in fp32.
 
-    Shapes: x [M, K], A [R, K], out [M, R] fp32 (may be a column slice of a wider buffer).
+    Shapes: x [M, K], A [R, K], out [M, R] fp32 (may be a column slice of a wider buffer); seed a 1-element int64
+    tensor (needed when dropout_p > 0).
     """
     M, K = x.shape
     R = lora_A.shape[0]
     if lora_A.shape[1] != K:
         raise ValueError(f"lora_shrink: x has {K} features but lora_A has shape {tuple(lora_A.shape)}.")
+    _check_seed("lora_shrink", dropout_p, seed)
     if out is None:
         out = torch.empty(M, R, device=x.device, dtype=torch.float32)
     if M == 0:
         return out
-    block_m = 32 if _on_interpreter(x) else 64
-    block_k = 32 if _on_interpreter(x) else 128
+    block_r = _rank_block(R)
+    if _on_interpreter(x):
+        block_m, block_k, warps, stages = 32, 32, 4, 1
+    else:
+        # The A tile [BLOCK_K, BLOCK_R] is loaded in its own dtype (fp32 for HF PEFT's default adapters) and cast in
+        # registers: at most 1024 elements a warp keeps it, the accumulator and the cast clear of spills on sm_80, and
+        # three stages of it within an A100's shared memory at rank 128 (180 KB with BLOCK_K = 128 did not).
+        block_m, warps = 64, _warps_for_rank(block_r)
+        block_k = _adapter_tile(block_r, warps)
+        stages = _fitting_stages(
+            device_properties(x), (block_m * block_k, x.element_size()), (block_k * block_r, lora_A.element_size())
+        )
     _lora_shrink_kernel[(triton.cdiv(M, block_m),)](
         x,
         lora_A,
@@ -350,7 +494,7 @@ def lora_shrink(
         lora_A.stride(1),
         out.stride(0),
         out.stride(1),
-        seed,
+        seed if seed is not None else out,
         dropout_p,
         scale,
         APPLY_DROPOUT=dropout_p > 0,
@@ -358,7 +502,9 @@ def lora_shrink(
         PRECISION=_precision(dot_dtype or x.dtype),
         BLOCK_M=block_m,
         BLOCK_K=block_k,
-        BLOCK_R=_rank_block(R),
+        BLOCK_R=block_r,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out
 
@@ -444,8 +590,19 @@ def lora_grad_dy(
     grad_b = torch.zeros(N, R, device=grad_out.device, dtype=torch.float32)
     if M == 0:
         return grad_s, grad_b
-    block_m = 32 if _on_interpreter(grad_out) else 64
-    block_n = 32 if _on_interpreter(grad_out) else 128
+    block_r = _rank_block(R)
+    if _on_interpreter(grad_out):
+        block_m, block_n, warps, stages = 32, 32, 4, 1
+    else:
+        # As in `lora_shrink`: the B tile [BLOCK_N, BLOCK_R] (fp32 adapters) and the dB partial of the same shape
+        # stay within 1024 elements a warp, so ranks 64 and 128 neither spill nor overflow an A100's shared memory.
+        block_m, warps = 64, _warps_for_rank(block_r)
+        block_n = _adapter_tile(block_r, warps)
+        stages = _fitting_stages(
+            device_properties(grad_out),
+            (block_m * block_n, grad_out.element_size()),
+            (block_n * block_r, lora_B.element_size()),
+        )
     _lora_grad_dy_kernel[(triton.cdiv(M, block_m),)](
         grad_out,
         lora_B,
@@ -469,12 +626,14 @@ def lora_grad_dy(
         PRECISION=_precision(dot_dtype or grad_out.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_R=_rank_block(R),
+        BLOCK_R=block_r,
+        num_warps=warps,
+        num_stages=stages,
     )
     return grad_s, grad_b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_ptr"])
 def _lora_grad_a_kernel(
     ds_ptr,
     x_ptr,
@@ -488,7 +647,7 @@ def _lora_grad_a_kernel(
     stride_xk,
     stride_dar,
     stride_dak,
-    seed,
+    seed_ptr,
     p,
     APPLY_DROPOUT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -507,6 +666,8 @@ def _lora_grad_a_kernel(
     mask_k = offs_k < K
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if APPLY_DROPOUT:
+        seed = _seed_key(seed_ptr)
     row_start = pid_split * ROWS_PER_SPLIT
     for m0 in range(row_start, min(row_start + ROWS_PER_SPLIT, M), BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -522,7 +683,7 @@ def _lora_grad_a_kernel(
             other=0.0,
         )
         if APPLY_DROPOUT:
-            keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+            keep = _keep(seed, offs_m[:, None] * K + offs_k[None, :], p)
             x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
         acc += tl.dot(tl.trans(ds.to(DOT_DTYPE)), x.to(DOT_DTYPE), input_precision=PRECISION)
     out_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
@@ -536,29 +697,39 @@ def lora_grad_a(
     grad_s: torch.Tensor,
     x: torch.Tensor,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     dot_dtype: torch.dtype | None = None,
     max_splits: int | None = None,
 ) -> torch.Tensor:
     """Semantics: dA = dS.T @ dropout(x, p; seed), in fp32 (the same mask as `lora_shrink` with that seed).
 
-    Shapes: dS [M, R], x [M, K]. Returns dA [R, K]. `max_splits` caps how many programs share the token loop
-    (their partial sums are added atomically); on the interpreter the default is one.
+    Shapes: dS [M, R], x [M, K], seed a 1-element int64 tensor (needed when dropout_p > 0). Returns dA [R, K].
+    `max_splits` caps how many programs share the token loop (their partial sums are added atomically); on the
+    interpreter the default is one.
     """
     M, K = x.shape
     R = grad_s.shape[1]
     if grad_s.shape[0] != M:
         raise ValueError(f"lora_grad_a: dS has {grad_s.shape[0]} rows but x has {M}.")
+    _check_seed("lora_grad_a", dropout_p, seed)
     grad_a = torch.zeros(R, K, device=x.device, dtype=torch.float32)
     if M == 0:
         return grad_a
-    block_m = 32 if _on_interpreter(x) else 64
-    block_k = 32 if _on_interpreter(x) else 128
+    block_r = _rank_block(R)
+    if _on_interpreter(x):
+        block_m, block_k, warps, stages = 32, 32, 4, 1
+    else:
+        # The [BLOCK_R, BLOCK_K] fp32 accumulator stays within 1024 elements a warp (32 registers a thread).
+        block_m, warps = 64, _warps_for_rank(block_r)
+        block_k = _adapter_tile(block_r, warps)
+        stages = _fitting_stages(
+            device_properties(x), (block_m * block_r, grad_s.element_size()), (block_m * block_k, x.element_size())
+        )
     k_blocks = triton.cdiv(K, block_k)
     m_blocks = triton.cdiv(M, block_m)
     # d_in / BLOCK_K programs alone under-fill a GPU (32 for d_in=4096 on 132 SMs): split the token loop so there
     # are about two programs per SM. Unmeasured tuning (no GPU yet); the interpreter runs one split.
-    splits = 1 if _on_interpreter(x) else max(1, min(m_blocks, (2 * _sm_count(x.device)) // k_blocks))
+    splits = 1 if _on_interpreter(x) else max(1, min(m_blocks, (2 * _sm_count(x)) // k_blocks))
     if max_splits is not None:
         splits = max(1, min(splits, max_splits, m_blocks))
     rows_per_split = triton.cdiv(m_blocks, splits) * block_m
@@ -576,36 +747,40 @@ def lora_grad_a(
         x.stride(1),
         grad_a.stride(0),
         grad_a.stride(1),
-        seed,
+        seed if seed is not None else grad_a,
         dropout_p,
         APPLY_DROPOUT=dropout_p > 0,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or x.dtype],
         PRECISION=_precision(dot_dtype or x.dtype),
         BLOCK_M=block_m,
         BLOCK_K=block_k,
-        BLOCK_R=_rank_block(R),
+        BLOCK_R=block_r,
         ROWS_PER_SPLIT=rows_per_split,
         SPLIT=splits > 1,
+        num_warps=warps,
+        num_stages=stages,
     )
     return grad_a
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _sm_count(tensor: torch.Tensor) -> int:
+    return device_properties(tensor)["multiprocessor_count"]
 
 
-@triton.jit
-def _dropout_keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed_ptr"])
+def _dropout_keep_mask_kernel(out_ptr, numel, seed_ptr, p, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.rand(seed, offs) >= p, mask=offs < M * K)
+    tl.store(out_ptr + offs, _keep(_seed_key(seed_ptr), offs, p), mask=offs < numel)
 
 
-def dropout_keep_mask(M: int, K: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def dropout_keep_mask(M: int, K: int, p: float, seed: torch.Tensor) -> torch.Tensor:
     """Semantics: keep[m, k] = rand(seed, m * K + k) >= p, the mask the kernels apply to x [M, K] for `seed`.
 
-    Returns a bool tensor [M, K]; tests use it to build the reference with the very same mask.
+    Shapes: seed a 1-element int64 tensor; returns a bool tensor [M, K] on its device (the reference and the torch
+    fallback use it to apply the very same mask).
     """
-    keep = torch.empty(M, K, device=device, dtype=torch.bool)
+    _check_seed("dropout_keep_mask", 1.0, seed)
+    keep = torch.empty(M, K, device=seed.device, dtype=torch.bool)
     if M * K:
-        _dropout_keep_mask_kernel[(triton.cdiv(M * K, 1024),)](keep, M, K, seed, p, BLOCK=1024)
+        _dropout_keep_mask_kernel[(triton.cdiv(M * K, 1024),)](keep, M * K, seed, p, BLOCK=1024)
     return keep

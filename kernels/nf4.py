@@ -179,18 +179,54 @@ def nf4_dequantize(
     return out
 
 
+# (BLOCK_N, BLOCK_K, warps, stages): narrow N tiles so a 4096-wide output still fills 132 SMs, and K tiles of one
+# or more quantization blocks (64 values) so each tile reads its scales once per row and block.
+NF4_LORA_MATMUL_TILES = [
+    (16, 256, 4, 3),
+    (32, 128, 4, 4),
+    (32, 256, 8, 3),
+    (64, 128, 8, 3),
+    (64, 64, 4, 4),
+]
+
+
 def nf4_lora_matmul_configs() -> list[triton.Config]:
-    """Autotune space for the small-M kernel: narrow N tiles so a 4096-wide output still fills 132 SMs."""
+    """Autotune space for the small-M kernel, before pruning for the GPU at hand."""
     return [
         triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
-        for block_n, block_k, warps, stages in [
-            (16, 256, 4, 3),
-            (32, 128, 4, 4),
-            (32, 256, 4, 3),
-            (64, 128, 4, 3),
-            (64, 64, 4, 4),
-        ]
+        for block_n, block_k, warps, stages in NF4_LORA_MATMUL_TILES
     ]
+
+
+def nf4_lora_matmul_shared_bytes(config: triton.Config, block_m: int, x_size: int) -> int:
+    """Shared memory estimate of one config: the pipelined x tile and packed bytes, the dequantized W tile the dot
+    reads (one buffer) and the epilogue's scratch. The per-element code lookups stay in registers."""
+    block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    stages = config.num_stages
+    pipelined = stages * (block_m * block_k * x_size + block_n * block_k // 2)
+    return pipelined + block_n * block_k * 2 + block_m * block_n * 4
+
+
+def _prune_nf4_lora_matmul_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep the configs that fit the device's shared memory (at least the smallest)."""
+    from .lora_linear import device_properties
+
+    x = named_args["x_ptr"]
+    limit = device_properties(x)["max_shared_mem"]
+    size = x.element_size()
+    fitting = [c for c in configs if nf4_lora_matmul_shared_bytes(c, kwargs["BLOCK_M"], size) <= limit]
+    return fitting or [min(configs, key=lambda c: nf4_lora_matmul_shared_bytes(c, kwargs["BLOCK_M"], size))]
+
+
+@triton.jit
+def _code_lookup(code_ptr, q):
+    # code[q] for a whole W tile. As one 32-bit load per element, Triton's pipeliner stages the gather through shared
+    # memory (4 bytes per element and stage); read as two 16-bit halves it cannot (cp.async moves 4 bytes or more),
+    # so the 64-byte table is read from L1 straight into registers. Same bits: the halves are put back together.
+    halves = code_ptr.to(tl.pointer_type(tl.uint16), bitcast=True)
+    low = tl.load(halves + 2 * q).to(tl.uint32)
+    high = tl.load(halves + 2 * q + 1).to(tl.uint32)
+    return (low | (high << 16)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -228,6 +264,8 @@ def _nf4_lora_matmul_kernel(
     INTERPRETED: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
     W_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -251,25 +289,54 @@ def _nf4_lora_matmul_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        # W^T tile [BLOCK_K, BLOCK_N]: element (k, n) is flat index n * K + k. K may be odd, so the nibble of each
-        # element is read from its own flat index (both nibbles of a byte come from the same cached line).
-        flat = offs_n[None, :] * K + offs_k[:, None]
-        mask_w = mask_k[:, None] & mask_n[None, :]
-        byte = tl.load(packed_ptr + flat // 2, mask=mask_w, other=0).to(tl.int32)
-        q = (byte >> ((1 - flat % 2) * 4)) & 15
-        scale = _block_scale(
-            absmax_ptr,
-            absmax_code_ptr,
-            absmax_scale_ptr,
-            absmax_offset_ptr,
-            flat // blocksize,
-            mask_w,
-            absmax_blocksize,
-            NESTED,
-        )
-        # Round to the compute dtype first, as the dequantize-then-GEMM path does.
-        w = _round_to(tl.load(code_ptr + q) * scale, W_DTYPE, INTERPRETED)
-        acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=PRECISION)
+        if ROW_BLOCKS:
+            # K is even and a multiple of the blocksize: row n's bytes start at n * K / 2 and no block straddles two
+            # rows. W tile [BLOCK_N, BLOCK_K] from its [BLOCK_N, BLOCK_K / 2] bytes (high nibble first), and one
+            # scale per row and block of the tile, broadcast over the block.
+            HALF_K: tl.constexpr = BLOCK_K // 2
+            offs_byte = k0 // 2 + tl.arange(0, HALF_K)
+            byte = tl.load(
+                packed_ptr + offs_n[:, None] * (K // 2) + offs_byte[None, :],
+                mask=mask_n[:, None] & (offs_byte < K // 2)[None, :],
+                other=0,
+            ).to(tl.int32)
+            q = tl.interleave(byte >> 4, byte & 15)
+            SCALES: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
+            SPAN: tl.constexpr = BLOCK_K // SCALES
+            offs_block = k0 // BLOCKSIZE + tl.arange(0, SCALES)
+            mask_s = mask_n[:, None] & (offs_block < K // BLOCKSIZE)[None, :]
+            scale = _block_scale(
+                absmax_ptr,
+                absmax_code_ptr,
+                absmax_scale_ptr,
+                absmax_offset_ptr,
+                offs_n[:, None] * (K // BLOCKSIZE) + offs_block[None, :],
+                mask_s,
+                absmax_blocksize,
+                NESTED,
+            )
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, SCALES, SPAN)), (BLOCK_N, BLOCK_K))
+            # Round to the compute dtype first, as the dequantize-then-GEMM path does.
+            w = _round_to(_code_lookup(code_ptr, q) * scale, W_DTYPE, INTERPRETED)
+            acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)
+        else:
+            # Any K: element (k, n) of the W^T tile is flat index n * K + k; its nibble and scale are read from it.
+            flat = offs_n[None, :] * K + offs_k[:, None]
+            mask_w = mask_k[:, None] & mask_n[None, :]
+            byte = tl.load(packed_ptr + flat // 2, mask=mask_w, other=0).to(tl.int32)
+            q = (byte >> ((1 - flat % 2) * 4)) & 15
+            scale = _block_scale(
+                absmax_ptr,
+                absmax_code_ptr,
+                absmax_scale_ptr,
+                absmax_offset_ptr,
+                flat // blocksize,
+                mask_w,
+                absmax_blocksize,
+                NESTED,
+            )
+            w = _round_to(_code_lookup(code_ptr, q) * scale, W_DTYPE, INTERPRETED)
+            acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=PRECISION)
     if HAS_LORA:
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -296,9 +363,11 @@ def _nf4_lora_matmul_kernel(
 
 
 # Keyed on BLOCK_M rather than M: decode batches of 1..64 rows share four tuned entries per shape.
-_nf4_lora_matmul_tuned = triton.autotune(configs=nf4_lora_matmul_configs(), key=["BLOCK_M", "N", "K"])(
-    _nf4_lora_matmul_kernel
-)
+_nf4_lora_matmul_tuned = triton.autotune(
+    configs=nf4_lora_matmul_configs(),
+    key=["BLOCK_M", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune_nf4_lora_matmul_configs},
+)(_nf4_lora_matmul_kernel)
 
 
 def nf4_lora_matmul(
@@ -346,6 +415,9 @@ def nf4_lora_matmul(
     nested = absmax_code is not None
     dot_dtype = dot_dtype or x.dtype
     block_m = max(MIN_DOT, min(64, triton.next_power_of_2(M)))
+    # Whole blocks per row (the usual case: K = 4096, blocksize 64) take the layout that reads each row's bytes as a
+    # contiguous run and each scale once per block; the blocksize is then a power of two, as bitsandbytes' are.
+    row_blocks = K % 2 == 0 and K % blocksize == 0 and blocksize & (blocksize - 1) == 0
     dummy = code
     args = (
         x,
@@ -379,16 +451,23 @@ def nf4_lora_matmul(
         INTERPRETED=x.device.type == "cpu",
         HAS_LORA=has_lora,
         HAS_BIAS=bias is not None,
+        ROW_BLOCKS=row_blocks,
+        BLOCKSIZE=blocksize if row_blocks else 1,
         W_DTYPE=_TORCH_TO_TL[x.dtype],
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype],
         PRECISION=_precision(dot_dtype),
         BLOCK_M=block_m,
         BLOCK_R=_rank_block(min(R, 64)) if R else MIN_DOT,
     )
-    if x.device.type == "cpu":
-        # The interpreter is slow and autotuning would multiply that: one small config.
-        grid = (triton.cdiv(N, 32), triton.cdiv(M, block_m))
-        _nf4_lora_matmul_kernel[grid](*args, **meta, BLOCK_N=32, BLOCK_K=32, enable_fp_fusion=False)
+    if x.device.type == "cpu" or not row_blocks:
+        # The interpreter is slow and autotuning would multiply that: one small config. Off it, weights whose blocks
+        # straddle rows (rare: K not a multiple of the blocksize) read nibble and scale per element, which takes
+        # a small tile (32 x 64, 2 stages) to stay clear of spills.
+        block_n, block_k, stages = (32, 32, 1) if x.device.type == "cpu" else (32, 64, 2)
+        grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+        _nf4_lora_matmul_kernel[grid](
+            *args, **meta, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, enable_fp_fusion=False
+        )
     else:
 
         def grid(config):

@@ -1,5 +1,6 @@
-"""The `peftfast` command: `--version`, `info` (environment and backends), `demo` (train, save, reload a LoRA) and
-`bench` (time the LoRA linear layer against the bare GEMM and HF PEFT)."""
+"""The `peftfast` command: `--version`, `info` (environment, backends, the autotune cache), `demo` (train, save,
+reload a LoRA), `bench` (time the LoRA linear layer against the bare GEMM and HF PEFT) and `gate` (compile every
+kernel config for A100 and H100 and check registers, spills, shared memory and tensor cores, without a GPU)."""
 
 from __future__ import annotations
 
@@ -123,6 +124,10 @@ def print_info() -> None:
     width = max(len(label) for label in info)
     for label, value in info.items():
         print(f"{label + ':':<{width + 1}} {value}")
+    from .ops import autotune
+
+    for line in autotune.describe():
+        print(line)
 
 
 # ----------------------------------------------------------------------------------------------------------- demo
@@ -276,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(
         commands.add_parser("bench", help="time the LoRA linear layer against the bare GEMM and HF PEFT, save CSV rows")
     )
+    from . import compile_gate
+
+    compile_gate.add_arguments(
+        commands.add_parser(
+            "gate", help="compile every kernel config for sm_80/sm_90 on CPU: regs, spills, shared memory, tensor cores"
+        )
+    )
     return parser
 
 
@@ -296,6 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if result.reload_ok else 1
     if args.command == "bench":
         return bench.run_from_args(args)
+    if args.command == "gate":
+        from . import compile_gate
+
+        return compile_gate.run_from_args(args)
     parser.print_help()
     return 2
 

@@ -42,15 +42,18 @@ def _reference(x, weight, bias, lora_A, lora_B, scaling, masks, dropout_p, dtype
     return y
 
 
-def _run_both(M, K, N, ranks, dtype, dropout_p, with_bias=True, seed=1234):
+def _seeds(count, first=1234):
+    return torch.arange(first, first + count, device=DEVICE, dtype=torch.int64) * 7919
+
+
+def _run_both(M, K, N, ranks, dtype, dropout_p, with_bias=True, plan="fused"):
     x, weight, bias, lora_A, lora_B, scaling = _problem(M, K, N, ranks, dtype, with_bias)
-    masks = [
-        kernels.dropout_keep_mask(M, K, p, autograd._adapter_seed(seed, i), DEVICE) for i, p in enumerate(dropout_p)
-    ]
+    seeds = _seeds(len(ranks))
+    masks = [kernels.dropout_keep_mask(M, K, p, seeds[i : i + 1]) for i, p in enumerate(dropout_p)]
     leaves = [x, *lora_A, *lora_B]
     for leaf in leaves:
         leaf.requires_grad_(True)
-    y, _ = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    y, _ = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds, plan)
     grad_y = torch.randn_like(y)
     got = [y, *torch.autograd.grad(y, leaves, grad_y)]
     y_ref = _reference(x, weight, bias, lora_A, lora_B, scaling, masks, dropout_p)
@@ -75,7 +78,7 @@ def test_half_precision_inputs_within_twice_torch_error(dtype, with_bias):
     """Error against an fp32 reference at most ~2x the error torch makes doing the same math in `dtype`."""
     M, K, N = 33, 45, 29
     x, weight, bias, lora_A, lora_B, scaling = _problem(M, K, N, [7], dtype, with_bias)
-    y, _ = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, [0.0], 0)
+    y, _ = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, [0.0], None, "fused")
     assert y.dtype == dtype
     ones = [torch.ones(M, K, device=DEVICE)]
     exact = _reference(x, weight, bias, lora_A, lora_B, scaling, ones, [0.0], torch.float64)
@@ -95,10 +98,17 @@ def test_dropout_mask_same_in_forward_and_backward(dropout_p):
 
 
 def test_dropout_mask_is_random_with_rate_p():
-    keep = kernels.dropout_keep_mask(64, 257, 0.3, seed=7, device=DEVICE)
+    seeds = torch.tensor([7, 8, 7], device=DEVICE)
+    keep = kernels.dropout_keep_mask(64, 257, 0.3, seeds[0:1])
     assert 0.65 < keep.float().mean().item() < 0.75
-    assert not torch.equal(keep, kernels.dropout_keep_mask(64, 257, 0.3, seed=8, device=DEVICE))
-    assert torch.equal(keep, kernels.dropout_keep_mask(64, 257, 0.3, seed=7, device=DEVICE))
+    assert not torch.equal(keep, kernels.dropout_keep_mask(64, 257, 0.3, seeds[1:2]))
+    assert torch.equal(keep, kernels.dropout_keep_mask(64, 257, 0.3, seeds[2:3]))
+
+
+def test_dropout_without_a_seed_tensor_is_a_clear_error():
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="seed as a 1-element int64 tensor"):
+        kernels.lora_shrink(x, torch.randn(2, 8, device=DEVICE), 1.0, 0.1, seed=None)
 
 
 @pytest.mark.parametrize("dropout_p", [[0.0, 0.0], [0.2, 0.0], [0.2, 0.4]], ids=["no-dropout", "one", "both"])
@@ -110,7 +120,7 @@ def test_several_adapters(dropout_p):
 
 def test_empty_batch():
     x, weight, bias, lora_A, lora_B, scaling = _problem(0, 12, 9, [4], torch.float32)
-    y, shrunk = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, [0.0], 0)
+    y, shrunk = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, [0.0], None, "fused")
     assert y.shape == (0, 9) and shrunk.shape == (0, 4)
 
 
@@ -191,7 +201,7 @@ def test_whole_llama_trains_the_same_on_both_backends():
 def test_gpu_tensor_core_math_large_shape(dtype):
     M, K, N = 1000, 1024, 1536
     x, weight, bias, lora_A, lora_B, scaling = _problem(M, K, N, [16], dtype)
-    y, _ = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, [0.0], 0)
+    y, _ = autograd.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, [0.0], None, "fused")
     ones = [torch.ones(M, K, device=DEVICE)]
     exact = _reference(x, weight, bias, lora_A, lora_B, scaling, ones, [0.0], torch.float64)
     torch_in_dtype = ops.reference.lora_linear(
@@ -207,6 +217,8 @@ def test_grad_a_split_over_tokens_adds_up(splits, monkeypatch):
     x = torch.randn(100, 37, device=DEVICE)
     if DEVICE == "cpu":
         monkeypatch.setattr(kernels, "_on_interpreter", lambda tensor: False)
-        monkeypatch.setattr(kernels, "_sm_count", lambda device: 64)
+        monkeypatch.setattr(
+            kernels, "device_properties", lambda tensor: {"max_shared_mem": 2**17, "multiprocessor_count": 64}
+        )
     got = kernels.lora_grad_a(grad_s, x, dot_dtype=torch.float32, max_splits=splits)
     assert_close(got, grad_s.T @ x, kind="kernel")

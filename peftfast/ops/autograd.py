@@ -1,14 +1,30 @@
 """Autograd over the Triton kernels, registered as torch custom ops (with shape-only fakes for torch.compile).
 
 `peftfast::lora_linear_fwd` returns y and the scaled rank-r intermediates S (fp32, saved for backward);
-`peftfast::lora_linear_bwd` returns dX, dA_i, dB_i. Dropout masks are re-drawn in backward from the same seed.
+`peftfast::lora_linear_bwd` returns dX, dA_i, dB_i. Dropout masks are re-drawn in backward from the same seeds,
+which are data: an int64 tensor with one seed per adapter (so compiled graphs don't break on them, and no kernel is
+specialised on a seed's value).
+
+Each op runs one of these plans (the `plan` argument):
+- "fused": the fused kernels, y = [x | S] @ [W | B]^T in one `dual_matmul`, dX likewise (what backend "triton" runs);
+- "composed": cuBLAS for the base GEMM (F.linear, torch.mm) and the LoRA term from the small kernels, accumulated
+  into its output in place;
+- "auto": whichever of the two `autotune.choose` timed faster for this shape class on this GPU, and torch (the same
+  math, in plain torch ops) for a shape class whose kernels fail to compile or launch here (see `autotune`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
+
+from . import autotune
 
 _FP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GPU_DTYPES = (torch.float16, torch.bfloat16)
+PLANS = ("auto", "fused", "composed")
 
 
 def _interpreting() -> bool:
@@ -22,8 +38,101 @@ def _dot_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
-def _adapter_seed(seed: int, index: int) -> int:
-    return seed + 1_000_003 * index
+def new_seeds(count: int, device: torch.device) -> torch.Tensor:
+    """One dropout seed per adapter, drawn from torch's generator (so torch.manual_seed makes runs repeatable)."""
+    return torch.randint(0, 2**31 - 1, (count,), device=device, dtype=torch.int64)
+
+
+def _seed(seeds: torch.Tensor | None, index: int, p: float) -> torch.Tensor | None:
+    return seeds[index : index + 1] if p > 0 else None
+
+
+def shape_class(op: str, x: torch.Tensor, out_features: int, ranks: Sequence[int], dropout_p: Sequence[float]) -> str:
+    """The key plans are raced and failures recorded under: rows bucketed to powers of two, the exact features,
+    total rank, dtypes and whether dropout is on."""
+    return (
+        f"{op}|M{autotune.size_class(x.shape[0])}|K{x.shape[1]}|N{out_features}|R{sum(ranks)}|"
+        f"{str(x.dtype).removeprefix('torch.')}|drop{int(any(p > 0 for p in dropout_p))}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------- forward
+
+
+def _shrink_all(x, lora_A, scaling, dropout_p, seeds) -> torch.Tensor:
+    from ..kernels import lora_linear as kernels
+
+    shrunk = torch.empty(x.shape[0], sum(A.shape[0] for A in lora_A), device=x.device, dtype=torch.float32)
+    start = 0
+    for index, (A, s, p) in enumerate(zip(lora_A, scaling, dropout_p)):
+        stop = start + A.shape[0]
+        kernels.lora_shrink(x, A, s, p, _seed(seeds, index, p), out=shrunk[:, start:stop], dot_dtype=_dot_dtype(x))
+        start = stop
+    return shrunk
+
+
+def _cat_B(lora_B: Sequence[torch.Tensor]) -> torch.Tensor:
+    return lora_B[0] if len(lora_B) == 1 else torch.cat(list(lora_B), dim=1)
+
+
+def expand_fused(x, weight_t, bias, shrunk, B_cat) -> torch.Tensor:
+    """y = x W^T + b + S B^T in one kernel (the LoRA product as extra K columns of the base GEMM)."""
+    from ..kernels import lora_linear as kernels
+
+    return kernels.dual_matmul(x, weight_t, shrunk, B_cat.T, bias, out_dtype=x.dtype, dot_dtype=_dot_dtype(x))
+
+
+def expand_composed(x, weight, bias, shrunk, B_cat) -> torch.Tensor:
+    """y = F.linear(x, W, b) (cuBLAS), then y += S B^T in place (addmm_, in x's dtype as the fused kernel's dot)."""
+    y = F.linear(x, weight, bias)
+    return y.addmm_(shrunk.to(y.dtype), B_cat.T.to(y.dtype))
+
+
+def _forward_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward in plain torch (the fallback): the same S, masks drawn from the same seeds."""
+    parts = []
+    for index, (A, s, p) in enumerate(zip(lora_A, scaling, dropout_p)):
+        parts.append(F.linear(_dropped(x, p, _seed(seeds, index, p)), A.float()) * s)
+    shrunk = torch.cat(parts, dim=1) if parts else x.new_empty(x.shape[0], 0, dtype=torch.float32)
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()) + shrunk @ _cat_B(lora_B).float().T
+    return y.to(x.dtype), shrunk
+
+
+def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """dropout(x) in fp32 with the kernels' mask for `seed` (drawn by their mask kernel)."""
+    if p <= 0:
+        return x.float()
+    from ..kernels import lora_linear as kernels
+
+    keep = kernels.dropout_keep_mask(x.shape[0], x.shape[1], p, seed)
+    return torch.where(keep, x.float() / (1.0 - p), 0.0)
+
+
+def forward(plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, S) for `plan` ("fused", "composed" or "auto"); see the module docstring."""
+    if plan != "auto":
+        shrunk = _shrink_all(x, lora_A, scaling, dropout_p, seeds)
+        expand = expand_fused if plan == "fused" else expand_composed
+        return expand(x, weight.T if plan == "fused" else weight, bias, shrunk, _cat_B(lora_B)), shrunk
+    key = shape_class("lora_linear", x, weight.shape[0], [A.shape[0] for A in lora_A], dropout_p)
+
+    def kernels() -> tuple[torch.Tensor, torch.Tensor]:
+        shrunk = _shrink_all(x, lora_A, scaling, dropout_p, seeds)
+        B_cat = _cat_B(lora_B)
+        candidates = {
+            "fused": lambda: expand_fused(x, weight.T, bias, shrunk, B_cat),
+            "composed": lambda: expand_composed(x, weight, bias, shrunk, B_cat),
+        }
+        chosen = autotune.choose("lora_linear forward", key, candidates, x.device)
+        return candidates[chosen](), shrunk
+
+    return autotune.run_with_fallback(
+        "lora_linear",
+        key,
+        x.device,
+        kernels,
+        lambda: _forward_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds),
+    )
 
 
 @torch.library.custom_op("peftfast::lora_linear_fwd", mutates_args=())
@@ -35,28 +144,136 @@ def lora_linear_fwd(
     lora_B: list[torch.Tensor],
     scaling: list[float],
     dropout_p: list[float],
-    seed: int,
+    seeds: torch.Tensor | None,
+    plan: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..kernels import lora_linear as kernels
-
-    M = x.shape[0]
-    ranks = [A.shape[0] for A in lora_A]
-    shrunk = torch.empty(M, sum(ranks), device=x.device, dtype=torch.float32)
-    start = 0
-    for index, (A, s, p) in enumerate(zip(lora_A, scaling, dropout_p)):
-        kernels.lora_shrink(
-            x, A, s, p, _adapter_seed(seed, index), out=shrunk[:, start : start + A.shape[0]], dot_dtype=_dot_dtype(x)
-        )
-        start += A.shape[0]
-    B_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(lora_B, dim=1)
-    y = kernels.dual_matmul(x, weight.T, shrunk, B_cat.T, bias, out_dtype=x.dtype, dot_dtype=_dot_dtype(x))
-    return y, shrunk
+    return forward(plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds)
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds, plan):
     rank = sum(A.shape[0] for A in lora_A)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], rank, dtype=torch.float32)
+
+
+# -------------------------------------------------------------------------------------------------------- backward
+
+
+def _grad_x_fused(grad_out, weight, spans, dtype) -> torch.Tensor:
+    """dX = dY W + sum_i mask_i * (s_i dS_i A_i) / (1 - p_i): one dual GEMM, adapters without dropout sharing its
+    LoRA product; each further adapter with dropout is accumulated with its own mask."""
+    from ..kernels import lora_linear as kernels
+
+    dot_dtype = _dot_dtype(grad_out)
+    plain = [span for span in spans if span[2] == 0.0]
+    masked = [span for span in spans if span[2] > 0.0]
+    if plain:
+        second_a = torch.cat([span[0] for span in plain], dim=1) if len(plain) > 1 else plain[0][0]
+        second_b = torch.cat([span[1] for span in plain], dim=0) if len(plain) > 1 else plain[0][1]
+        grad_x = kernels.dual_matmul(grad_out, weight, second_a, second_b, out_dtype=dtype, dot_dtype=dot_dtype)
+    else:
+        first = masked.pop(0)
+        grad_x = kernels.dual_matmul(
+            grad_out,
+            weight,
+            first[0],
+            first[1],
+            out_dtype=dtype,
+            dropout_p=first[2],
+            seed=first[3],
+            dot_dtype=dot_dtype,
+        )
+    _accumulate_masked(grad_x, masked)
+    return grad_x
+
+
+def _grad_x_composed(grad_out, weight, spans, dtype) -> torch.Tensor:
+    """dX = torch.mm(dY, W) (cuBLAS), then the LoRA terms accumulated into it in place: addmm_ for adapters without
+    dropout, the masked-product kernel for the others."""
+    grad_x = torch.mm(grad_out, weight).to(dtype)
+    plain = [span for span in spans if span[2] == 0.0]
+    if plain:
+        grad_s = torch.cat([span[0] for span in plain], dim=1) if len(plain) > 1 else plain[0][0]
+        A_cat = torch.cat([span[1] for span in plain], dim=0) if len(plain) > 1 else plain[0][1]
+        grad_x.addmm_(grad_s.to(dtype), A_cat.to(dtype))
+    _accumulate_masked(grad_x, [span for span in spans if span[2] > 0.0])
+    return grad_x
+
+
+def _accumulate_masked(grad_x, masked) -> None:
+    from ..kernels import lora_linear as kernels
+
+    for grad_s_i, A, p, seed in masked:
+        kernels.dual_matmul(
+            None, None, grad_s_i, A, out=grad_x, dropout_p=p, seed=seed, accumulate=True, dot_dtype=_dot_dtype(grad_x)
+        )
+
+
+def _backward_kernels(grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad, plan):
+    from ..kernels import lora_linear as kernels
+
+    dot_dtype = _dot_dtype(x)
+    grad_s, grad_b_cat = kernels.lora_grad_dy(grad_out, _cat_B(lora_B), shrunk, dot_dtype=dot_dtype)
+    grad_A, grad_B, spans = [], [], []
+    start = 0
+    for index, (A, B, s, p) in enumerate(zip(lora_A, lora_B, scaling, dropout_p)):
+        stop = start + A.shape[0]
+        seed = _seed(seeds, index, p)
+        # S_i was scaled by s_i, so the gradient reaching the unscaled x A_i^T is s_i * dS_i.
+        grad_s_i = grad_s[:, start:stop] * s
+        grad_A.append(kernels.lora_grad_a(grad_s_i, x, p, seed, dot_dtype=dot_dtype).to(A.dtype))
+        # Custom-op outputs may not alias one another: copy each adapter's columns out (N x r, cheap).
+        grad_B.append(grad_b_cat[:, start:stop].to(B.dtype, copy=True))
+        spans.append((grad_s_i, A, p, seed))
+        start = stop
+    if not needs_input_grad:
+        return x.new_empty(0), grad_A, grad_B
+    if plan == "auto":
+        key = shape_class("lora_linear", x, weight.shape[0], [A.shape[0] for A in lora_A], dropout_p)
+        candidates = {
+            "fused": lambda: _grad_x_fused(grad_out, weight, spans, x.dtype),
+            "composed": lambda: _grad_x_composed(grad_out, weight, spans, x.dtype),
+        }
+        plan = autotune.choose("lora_linear backward", key, candidates, x.device)
+    grad_x = (_grad_x_fused if plan == "fused" else _grad_x_composed)(grad_out, weight, spans, x.dtype)
+    return grad_x, grad_A, grad_B
+
+
+def _backward_torch(grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad):
+    """The backward in plain torch (the fallback), fp32 math, masks from the same seeds."""
+    grad_y = grad_out.float()
+    grad_s = grad_y @ _cat_B(lora_B).float()
+    grad_b_cat = grad_y.T @ shrunk
+    grad_x = grad_y @ weight.float() if needs_input_grad else None
+    grad_A, grad_B = [], []
+    start = 0
+    for index, (A, B, s, p) in enumerate(zip(lora_A, lora_B, scaling, dropout_p)):
+        stop = start + A.shape[0]
+        seed = _seed(seeds, index, p)
+        grad_s_i = grad_s[:, start:stop] * s
+        grad_A.append((grad_s_i.T @ _dropped(x, p, seed)).to(A.dtype))
+        grad_B.append(grad_b_cat[:, start:stop].to(B.dtype, copy=True))
+        if grad_x is not None:
+            through = grad_s_i @ A.float()
+            if p > 0:
+                from ..kernels import lora_linear as kernels
+
+                keep = kernels.dropout_keep_mask(x.shape[0], x.shape[1], p, seed)
+                through = torch.where(keep, through / (1.0 - p), 0.0)
+            grad_x = grad_x + through
+        start = stop
+    return (grad_x.to(x.dtype) if grad_x is not None else x.new_empty(0)), grad_A, grad_B
+
+
+def backward(plan, grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad):
+    """(dX, [dA_i], [dB_i]) for `plan`; see the module docstring."""
+    args = (grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad)
+    if plan != "auto":
+        return _backward_kernels(*args, plan)
+    key = shape_class("lora_linear", x, weight.shape[0], [A.shape[0] for A in lora_A], dropout_p)
+    return autotune.run_with_fallback(
+        "lora_linear", key, x.device, lambda: _backward_kernels(*args, plan), lambda: _backward_torch(*args)
+    )
 
 
 @torch.library.custom_op("peftfast::lora_linear_bwd", mutates_args=())
@@ -69,70 +286,29 @@ def lora_linear_bwd(
     shrunk: torch.Tensor,
     scaling: list[float],
     dropout_p: list[float],
-    seed: int,
+    seeds: torch.Tensor | None,
     needs_input_grad: bool,
+    plan: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    from ..kernels import lora_linear as kernels
-
-    dot_dtype = _dot_dtype(x)
-    B_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(lora_B, dim=1)
-    grad_s, grad_b_cat = kernels.lora_grad_dy(grad_out, B_cat, shrunk, dot_dtype=dot_dtype)
-    grad_A, grad_B, spans = [], [], []
-    start = 0
-    for index, (A, B, s, p) in enumerate(zip(lora_A, lora_B, scaling, dropout_p)):
-        stop = start + A.shape[0]
-        # S_i was scaled by s_i, so the gradient reaching the unscaled x A_i^T is s_i * dS_i.
-        grad_s_i = grad_s[:, start:stop] * s
-        grad_A.append(kernels.lora_grad_a(grad_s_i, x, p, _adapter_seed(seed, index), dot_dtype=dot_dtype).to(A.dtype))
-        # Custom-op outputs may not alias one another: copy each adapter's columns out (N x r, cheap).
-        grad_B.append(grad_b_cat[:, start:stop].to(B.dtype, copy=True))
-        spans.append((grad_s_i, A, p, _adapter_seed(seed, index)))
-        start = stop
-    if not needs_input_grad:
-        return x.new_empty(0), grad_A, grad_B
-    # dX = dY W + sum_i mask_i * (s_i dS_i A_i) / (1 - p_i). Adapters without dropout share one product; each one
-    # with dropout needs its own mask, applied to its product in the same kernel or accumulated after.
-    plain = [span for span in spans if span[2] == 0.0]
-    masked = [span for span in spans if span[2] > 0.0]
-    if plain:
-        second_a = torch.cat([span[0] for span in plain], dim=1) if len(plain) > 1 else plain[0][0]
-        second_b = torch.cat([span[1] for span in plain], dim=0) if len(plain) > 1 else plain[0][1]
-        grad_x = kernels.dual_matmul(grad_out, weight, second_a, second_b, out_dtype=x.dtype, dot_dtype=dot_dtype)
-    else:
-        first = masked.pop(0)
-        grad_x = kernels.dual_matmul(
-            grad_out,
-            weight,
-            first[0],
-            first[1],
-            out_dtype=x.dtype,
-            dropout_p=first[2],
-            seed=first[3],
-            dot_dtype=dot_dtype,
-        )
-    for grad_s_i, A, p, adapter_seed in masked:
-        kernels.dual_matmul(
-            None, None, grad_s_i, A, out=grad_x, dropout_p=p, seed=adapter_seed, accumulate=True, dot_dtype=dot_dtype
-        )
-    return grad_x, grad_A, grad_B
+    return backward(plan, grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad)
 
 
 @lora_linear_bwd.register_fake
-def _(grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seed, needs_input_grad):
+def _(grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad, plan):
     grad_x = x.new_empty(x.shape) if needs_input_grad else x.new_empty(0)
     return grad_x, [A.new_empty(A.shape) for A in lora_A], [B.new_empty(B.shape) for B in lora_B]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, output[1], *lora_A, *lora_B)
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds, plan = inputs
+    ctx.save_for_backward(x, weight, output[1], seeds, *lora_A, *lora_B)
     ctx.num_adapters = len(lora_A)
-    ctx.scaling, ctx.dropout_p, ctx.seed = list(scaling), list(dropout_p), seed
+    ctx.scaling, ctx.dropout_p, ctx.plan = list(scaling), list(dropout_p), plan
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_y, grad_shrunk):
-    x, weight, shrunk, *adapters = ctx.saved_tensors
+    x, weight, shrunk, seeds, *adapters = ctx.saved_tensors
     lora_A, lora_B = adapters[: ctx.num_adapters], adapters[ctx.num_adapters :]
     grad_x, grad_A, grad_B = lora_linear_bwd(
         grad_y.contiguous(),
@@ -143,11 +319,12 @@ def _backward(ctx, grad_y, grad_shrunk):
         shrunk,
         ctx.scaling,
         ctx.dropout_p,
-        ctx.seed,
+        seeds,
         ctx.needs_input_grad[0],
+        ctx.plan,
     )
     grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return (grad_x if ctx.needs_input_grad[0] else None, None, grad_bias, grad_A, grad_B, None, None, None)
+    return (grad_x if ctx.needs_input_grad[0] else None, None, grad_bias, grad_A, grad_B, None, None, None, None)
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -163,11 +340,19 @@ def triton_available() -> bool:
     return True
 
 
+def serves_activation_dtype(x: torch.Tensor) -> bool:
+    """The kernels take fp16/bf16 activations on a GPU (their dots run on tensor cores); fp32 ones only under the
+    interpreter. On a GPU, fp32 dots are IEEE fp32 on FMA units, whose operand tiles spilled registers in the compile
+    gate, and cuBLAS's SGEMM (the torch backend) is the better plan for them anyway."""
+    return x.dtype in _GPU_DTYPES or (x.dtype == torch.float32 and x.device.type == "cpu")
+
+
 def can_run_lora_linear(x, weight, bias, lora_A, lora_B, lora_B_bias=None, *args, **kwargs) -> bool:
-    """Whether the Triton kernels serve this call: GPU tensors (or CPU tensors under TRITON_INTERPRET=1), float
-    activations with a frozen base weight of the same dtype, adapters in fp32 or that dtype, no lora_B bias."""
+    """Whether the Triton kernels serve this call: GPU tensors with fp16/bf16 activations (or CPU tensors, fp32 too,
+    under TRITON_INTERPRET=1), a frozen base weight of the activations' dtype, adapters in fp32 or that dtype, no
+    lora_B bias."""
     on_device = x.is_cuda or (x.device.type == "cpu" and _interpreting())
-    if not on_device or not lora_A or x.dtype not in _FP_DTYPES or weight.dtype != x.dtype:
+    if not on_device or not lora_A or not serves_activation_dtype(x) or weight.dtype != x.dtype:
         return False
     if weight.requires_grad or any(b is not None for b in (lora_B_bias or [])):
         return False
@@ -180,11 +365,20 @@ def can_run_lora_linear(x, weight, bias, lora_A, lora_B, lora_B_bias=None, *args
     return x.numel() < 2**31 and triton_available()
 
 
+def requested_plan() -> str:
+    """ "fused" when backend "triton" was asked for by name (it runs what was asked), else "auto"."""
+    from .dispatch import get_backend
+
+    return "fused" if get_backend() == "triton" else "auto"
+
+
 def lora_linear_triton(x, weight, bias, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training):
     """The Triton `lora_linear`: same semantics and arguments as `reference.lora_linear`."""
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     ps = [float(p) if training else 0.0 for p in dropout_p]
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if any(p > 0 for p in ps) else 0
-    y, _ = lora_linear_fwd(x2d, weight, bias, list(lora_A), list(lora_B), [float(s) for s in scaling], ps, seed)
+    seeds = new_seeds(len(ps), x.device) if any(p > 0 for p in ps) else None
+    y, _ = lora_linear_fwd(
+        x2d, weight, bias, list(lora_A), list(lora_B), [float(s) for s in scaling], ps, seeds, requested_plan()
+    )
     return y.reshape(*lead, weight.shape[0])

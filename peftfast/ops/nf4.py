@@ -5,6 +5,10 @@ Training path (`lora_linear_4bit` on Triton): forward dequantizes the weight onc
 fused dense LoRA kernels; backward dequantizes it again into the buffer for dX = dY W + dS A. Nothing of the dense
 weight outlives a call, and a layer is dequantized at most twice per training step. Batches of at most
 `SMALL_M` rows (decode) skip the buffer: one kernel reads the 4-bit weight once and adds the LoRA term in its epilogue.
+
+That is backend "triton" asked for by name. Under "auto" the forward races the fused 4-bit kernel (decode sizes),
+dequantize + fused dense kernel and dequantize + cuBLAS + LoRA kernels, once per shape class and GPU (see
+`autotune`), and a kernel failure falls back to torch's dequantize + F.linear for that shape.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import autograd
+from . import autograd, autotune, reference
 from .reference import Nf4Weight
 
 # Rows up to which the fused 4-bit kernel is used. A [M, K] x [K, N] product against a 4-bit weight does 4 * M FLOP per
@@ -96,10 +100,19 @@ def can_run_nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, *args: An
 
 
 def nf4_dequantize_triton(*weight_fields: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The Triton `nf4_dequantize`: same semantics and arguments as `reference.nf4_dequantize`."""
+    """The Triton `nf4_dequantize`: same semantics and arguments as `reference.nf4_dequantize` (in `auto`, torch's
+    where the kernel fails to compile or launch, see `autotune`)."""
     from ..kernels import nf4 as kernels
 
-    return kernels.nf4_dequantize(*weight_fields, dtype=dtype)
+    def kernel() -> torch.Tensor:
+        return kernels.nf4_dequantize(*weight_fields, dtype=dtype)
+
+    if autograd.requested_plan() == "fused":
+        return kernel()
+    packed, shape = weight_fields[0], weight_fields[4]
+    key = f"nf4_dequantize|{tuple(shape)}|{dtype}|nested{int(weight_fields[5] is not None)}"
+    fallback = lambda: reference.nf4_dequantize(*weight_fields, dtype=dtype)  # noqa: E731
+    return autotune.run_with_fallback("nf4_dequantize", key, packed.device, kernel, fallback)
 
 
 _buffers = threading.local()
@@ -123,53 +136,114 @@ def _dequantize_into_buffer(weight: Nf4Weight, dtype: torch.dtype) -> torch.Tens
     return kernels.nf4_dequantize(*weight, dtype=dtype, out=buffer[:numel].view(weight.shape))
 
 
+def _forward_plans(x, weight, bias, shrunk, B_cat, dot_dtype) -> dict:
+    """The ways to compute y = x W^T + bias + S B^T from the 4-bit W: the fused 4-bit kernel (decode sizes only:
+    its block of rows is at most `SMALL_M`), or W dequantized into the buffer, then the fused dense kernel or cuBLAS
+    plus the LoRA term in place."""
+    from ..kernels import nf4 as kernels
+
+    plans = {}
+    if x.shape[0] <= SMALL_M:
+        plans["fused_4bit"] = lambda: kernels.nf4_lora_matmul(
+            x, *weight, shrunk=shrunk, lora_B=B_cat, bias=bias, dot_dtype=dot_dtype
+        )
+    plans["dequantize_fused"] = lambda: autograd.expand_fused(
+        x, _dequantize_into_buffer(weight, x.dtype).T, bias, shrunk, B_cat
+    )
+    plans["dequantize_composed"] = lambda: autograd.expand_composed(
+        x, _dequantize_into_buffer(weight, x.dtype), bias, shrunk, B_cat
+    )
+    return plans
+
+
+def _forward(x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, S) on the kernels: "fused" is the fused 4-bit kernel for decode sizes and dequantize + fused dense kernel
+    above; "auto" races the plans of `_forward_plans` (see `autotune`)."""
+    shrunk = autograd._shrink_all(x, lora_A, scaling, dropout_p, seeds)
+    B_cat = autograd._cat_B(lora_B)
+    plans = _forward_plans(x, weight, bias, shrunk, B_cat, autograd._dot_dtype(x))
+    if plan == "auto":
+        key = autograd.shape_class("lora_linear_4bit", x, weight.shape[0], [A.shape[0] for A in lora_A], dropout_p)
+        chosen = autotune.choose("lora_linear_4bit forward", key, plans, x.device, default="dequantize_composed")
+    elif plan == "composed":
+        chosen = "dequantize_composed"
+    else:
+        chosen = "fused_4bit" if "fused_4bit" in plans else "dequantize_fused"
+    return plans[chosen](), shrunk
+
+
 class _LoraLinear4bit(torch.autograd.Function):
     """y = x W^T + bias + sum_i S_i B_i^T, S_i = s_i * dropout_i(x) A_i^T, W read from its 4-bit storage."""
 
     @staticmethod
-    def forward(ctx, x, bias, weight, scaling, dropout_p, seed, *adapters):
-        from ..kernels import lora_linear as dense
-        from ..kernels import nf4 as kernels
-
+    def forward(ctx, x, bias, weight, scaling, dropout_p, seeds, plan, *adapters):
         num = len(adapters) // 2
-        lora_A, lora_B = adapters[:num], adapters[num:]
-        dot_dtype = autograd._dot_dtype(x)
-        shrunk = torch.empty(x.shape[0], sum(A.shape[0] for A in lora_A), device=x.device, dtype=torch.float32)
-        start = 0
-        for index, (A, s, p) in enumerate(zip(lora_A, scaling, dropout_p)):
-            out = shrunk[:, start : start + A.shape[0]]
-            dense.lora_shrink(x, A, s, p, autograd._adapter_seed(seed, index), out=out, dot_dtype=dot_dtype)
-            start += A.shape[0]
-        B_cat = lora_B[0] if num == 1 else torch.cat(lora_B, dim=1)
-        if x.shape[0] <= SMALL_M:
-            y = kernels.nf4_lora_matmul(x, *weight, shrunk=shrunk, lora_B=B_cat, bias=bias, dot_dtype=dot_dtype)
+        lora_A, lora_B = list(adapters[:num]), list(adapters[num:])
+        args = (x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B)
+        if plan == "auto":
+            key = autograd.shape_class("lora_linear_4bit", x, weight.shape[0], [A.shape[0] for A in lora_A], dropout_p)
+            ctx.fell_back = autotune.failed("lora_linear_4bit", key, x.device)
+            if ctx.fell_back:
+                y, shrunk = _forward_torch(*args)
+            else:
+                try:
+                    y, shrunk = _forward(*args)
+                except Exception as error:
+                    if not autotune.is_kernel_failure(error):
+                        raise
+                    autotune.record_failure("lora_linear_4bit", key, error, x.device)
+                    ctx.fell_back = True
+                    y, shrunk = _forward_torch(*args)
         else:
-            W = _dequantize_into_buffer(weight, x.dtype)
-            y = dense.dual_matmul(x, W.T, shrunk, B_cat.T, bias, out_dtype=x.dtype, dot_dtype=dot_dtype)
-        ctx.save_for_backward(x, shrunk, *lora_A, *lora_B)
-        ctx.weight, ctx.num, ctx.has_bias = weight, num, bias is not None
-        ctx.scaling, ctx.dropout_p, ctx.seed = list(scaling), list(dropout_p), seed
+            ctx.fell_back = False
+            y, shrunk = _forward(*args)
+        ctx.save_for_backward(x, shrunk, seeds, *lora_A, *lora_B)
+        ctx.weight, ctx.num, ctx.has_bias, ctx.plan = weight, num, bias is not None, plan
+        ctx.scaling, ctx.dropout_p = list(scaling), list(dropout_p)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, shrunk, *adapters = ctx.saved_tensors
-        lora_A, lora_B = adapters[: ctx.num], adapters[ctx.num :]
-        W = _dequantize_into_buffer(ctx.weight, x.dtype)
-        grad_x, grad_A, grad_B = autograd.lora_linear_bwd(
-            grad_y.contiguous(),
-            x,
-            W,
-            list(lora_A),
-            list(lora_B),
-            shrunk,
-            ctx.scaling,
-            ctx.dropout_p,
-            ctx.seed,
-            ctx.needs_input_grad[0],
-        )
+        x, shrunk, seeds, *adapters = ctx.saved_tensors
+        lora_A, lora_B = list(adapters[: ctx.num]), list(adapters[ctx.num :])
+        if ctx.fell_back:
+            W = reference.nf4_dequantize(*ctx.weight, dtype=x.dtype)
+            grad_x, grad_A, grad_B = autograd._backward_torch(
+                grad_y, x, W, lora_A, lora_B, shrunk, ctx.scaling, ctx.dropout_p, seeds, ctx.needs_input_grad[0]
+            )
+        else:
+            W = _dequantize_into_buffer(ctx.weight, x.dtype)
+            grad_x, grad_A, grad_B = autograd.lora_linear_bwd(
+                grad_y.contiguous(),
+                x,
+                W,
+                lora_A,
+                lora_B,
+                shrunk,
+                ctx.scaling,
+                ctx.dropout_p,
+                seeds,
+                ctx.needs_input_grad[0],
+                ctx.plan,
+            )
         grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return (grad_x if ctx.needs_input_grad[0] else None, grad_bias, None, None, None, None, *grad_A, *grad_B)
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_bias,
+            None,
+            None,
+            None,
+            None,
+            None,
+            *grad_A,
+            *grad_B,
+        )
+
+
+def _forward_torch(x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B):
+    """The forward in plain torch (the fallback): torch's dequantize, the same S and masks."""
+    dense = reference.nf4_dequantize(*weight, dtype=x.dtype)
+    return autograd._forward_torch(x, dense, bias, lora_A, lora_B, scaling, dropout_p, seeds)
 
 
 def can_run_lora_linear_4bit(
@@ -183,9 +257,11 @@ def can_run_lora_linear_4bit(
     *args: Any,
     **kwargs: Any,
 ) -> bool:
-    """Whether the Triton 4-bit path serves this call: GPU tensors (CPU ones under TRITON_INTERPRET=1), a float
-    compute dtype, at least one adapter in fp32 or the compute dtype, no lora_B bias."""
+    """Whether the Triton 4-bit path serves this call: GPU tensors with an fp16/bf16 compute dtype (CPU ones, fp32
+    too, under TRITON_INTERPRET=1), at least one adapter in fp32 or the compute dtype, no lora_B bias."""
     if not _on_kernel_device(x) or not lora_A or compute_dtype not in autograd._FP_DTYPES:
+        return False
+    if x.is_cuda and compute_dtype not in autograd._GPU_DTYPES:
         return False
     if any(b is not None for b in lora_B_bias):
         return False
@@ -206,7 +282,8 @@ def lora_linear_4bit_triton(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1]).to(compute_dtype)
     ps = [float(p) if training else 0.0 for p in dropout_p]
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if any(p > 0 for p in ps) else 0
+    seeds = autograd.new_seeds(len(ps), x.device) if any(p > 0 for p in ps) else None
     bias = bias.to(compute_dtype) if bias is not None else None
-    y = _LoraLinear4bit.apply(x2d, bias, weight, [float(s) for s in scaling], ps, seed, *lora_A, *lora_B)
+    plan = autograd.requested_plan()
+    y = _LoraLinear4bit.apply(x2d, bias, weight, [float(s) for s in scaling], ps, seeds, plan, *lora_A, *lora_B)
     return y.reshape(*lead, weight.shape[0]).to(x.dtype)
