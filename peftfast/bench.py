@@ -43,11 +43,17 @@ from . import ops
 from .version import __version__
 
 MODES = ("fwd", "fwd+bwd")
-PROVIDERS = ("gemm", "hf_peft", "peftfast_torch", "peftfast_triton")
+PROVIDERS = ("gemm", "hf_peft", "peftfast_torch", "peftfast_triton", "peftfast_auto")
 # Table and plot labels.
-SHORT_NAMES = {"gemm": "gemm", "hf_peft": "hf", "peftfast_torch": "torch", "peftfast_triton": "triton"}
-_LORA_PROVIDERS = ("hf_peft", "peftfast_torch", "peftfast_triton")
-_BACKEND_OF = {"peftfast_torch": "torch", "peftfast_triton": "triton"}
+SHORT_NAMES = {
+    "gemm": "gemm",
+    "hf_peft": "hf",
+    "peftfast_torch": "torch",
+    "peftfast_triton": "triton",
+    "peftfast_auto": "auto",
+}
+_LORA_PROVIDERS = ("hf_peft", "peftfast_torch", "peftfast_triton", "peftfast_auto")
+_BACKEND_OF = {"peftfast_torch": "torch", "peftfast_triton": "triton", "peftfast_auto": "auto"}
 
 
 # The grids: (d_in, d_out) shapes of Llama-like projections on GPU, small ones that finish in seconds on CPU.
@@ -270,7 +276,8 @@ def results_slug(device: torch.device) -> str:
 def environment(device: torch.device) -> Environment:
     """Date (UTC), git commit of peftfast's source ("unknown" outside a checkout; `git_dirty` counts tracked files
     only), device, library versions and torch's intra-op thread count."""
-    sha = _git("rev-parse", "--short", "HEAD")
+    # PEFTFAST_GIT_SHA: for a copy of the checkout without .git (a lent GPU machine), the commit it was made from.
+    sha = os.environ.get("PEFTFAST_GIT_SHA") or _git("rev-parse", "--short", "HEAD")
     changes = _git("status", "--porcelain", "--untracked-files=no") if sha else None
     return Environment(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -508,8 +515,13 @@ def run_lora_linear(
 
 
 def _backend_refusal(backend: str, layer: nn.Module, x: torch.Tensor) -> str | None:
-    """The dispatcher's error if `backend` can't run this layer's lora_linear call, else None."""
+    """The dispatcher's error if `backend` can't run this layer's lora_linear call, else None. Backend "auto" is
+    refused where it would not run the kernels (it would time the torch backend a second time)."""
     args = (x, layer.base_layer.weight, layer.base_layer.bias, [layer.lora_A["default"].weight])
+    if backend == "auto":
+        with ops.use_backend("auto"):
+            chosen, _ = ops.dispatch.resolve("lora_linear", *args, [layer.lora_B["default"].weight])
+        return None if chosen != "torch" else "backend 'auto' runs the kernels on CUDA tensors only."
     try:
         with ops.use_backend(backend):
             ops.dispatch.resolve("lora_linear", *args, [layer.lora_B["default"].weight])
@@ -533,7 +545,7 @@ def _measure(
         # One untimed call, to check that the layer really took the op on `backend`.
         run()
         ran_on = ops.last_backend("lora_linear")
-        if ran_on != backend:
+        if ran_on != backend and backend != "auto":
             raise RuntimeError(f"{provider} should run lora_linear on backend {backend!r}; it ran on {ran_on!r}.")
     adapter_size = 0 if adapter_dtype is None else adapter_dtype.itemsize
     flops, nbytes = lora_linear_work(case, adapter_dtype is not None, x.element_size(), adapter_size)
@@ -618,7 +630,7 @@ def append_csv(path: Path, rows: Sequence[dict[str, str]], columns: Sequence[str
     return path
 
 
-_COLORS = {"hf_peft": "#d95f02", "peftfast_torch": "#7570b3", "peftfast_triton": "#1b9e77"}
+_COLORS = {"hf_peft": "#d95f02", "peftfast_torch": "#7570b3", "peftfast_triton": "#1b9e77", "peftfast_auto": "#e7298a"}
 
 
 def write_svg(path: Path, summaries: Sequence[CaseSummary], title: str) -> Path:
