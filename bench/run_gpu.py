@@ -1,7 +1,7 @@
 """Everything a lent GPU should measure, in one command: install, GPU tests, every benchmark, the kernels' real
 registers against the compile gate's, and a summary: CSVs, plots and a markdown table of ratios in one folder.
 
-    python3 bench/run_gpu.py                      # results in $OUT if set, else bench/results/gpu-run-<date>
+    python3 bench/run_gpu.py                      # results in $OUT if set, else ~/.cache/peftfast/bench/gpu-run-<date>
     python3 bench/run_gpu.py --budget 420 --out /tmp/results
 
 Made for one call on a machine that is lent for minutes (see README.md, "On a lent GPU"): each step runs in its own
@@ -10,14 +10,15 @@ fails or runs out of time is recorded with its log and the next one still runs. 
 
     setup           copy peftfast onto PYTHONPATH (no pip, no network); bitsandbytes from .whl/ if carried there
     info            `peftfast info` (versions, GPU, backends)
-    gpu tests       pytest -m gpu and the kernel tests on real CUDA tensors
+    gpu tests       pytest -m gpu over the suite, then every kernel test file on real CUDA tensors
     kernels vs gate the gate's representative launches on the GPU: real registers, spills and shared memory per
                     compiled kernel, next to what the compile gate predicted for sm_90 (gate_vs_gpu.csv)
     lora_linear     `peftfast bench` suite (fwd, fwd+bwd; bare GEMM, HF PEFT, peftfast torch/triton/auto)
     nf4             bench/bench_nf4.py --quick (4-bit decode and training vs bitsandbytes and HF PEFT)
     multi-adapter   bench/bench_multi_adapter.py --quick (SGMV decode vs HF PEFT)
-    dora, moe       bench/bench_dora.py, bench/bench_moe.py, if present
     e2e             bench/bench_e2e.py: one QLoRA training step end to end, peftfast vs HF PEFT + bitsandbytes
+    dora, moe, ...  every other bench/bench_*.py found (DoRA and MoE first), with --output-dir and, where offered,
+                    --quick
     autotune cache  `peftfast info` again: the plans `auto` raced on this GPU, and any kernel that fell back
 
 The folder gets at most 8 files (what a lent machine sends back): summary.md (the ratios, each step's status, the
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib.util
 import io
 import os
 import shutil
@@ -70,6 +72,13 @@ def _environment_lines(env: dict[str, str]) -> list[str]:
     return (done.stdout + done.stderr).strip().splitlines()
 
 
+def _default_output_dir() -> Path:
+    # The benchmarks' own default (outside the checkout), read without importing peftfast before it is set up.
+    named = os.environ.get("PEFTFAST_BENCH_DIR")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(named) if named else Path(cache) / "peftfast" / "bench"
+
+
 def _git_sha() -> str:
     explicit = os.environ.get("PEFTFAST_GIT_SHA")
     if explicit:
@@ -103,15 +112,17 @@ def _setup(site: Path, log: io.TextIOBase) -> list[str]:
 
 
 def _run(step: Step, env: dict[str, str], log: io.TextIOBase, deadline: float, later: int) -> None:
-    """Run `step` within its limit and what the budget leaves after keeping RESERVE_S for each of `later` steps."""
+    """Run `step` within its own limit and its part of the budget (see below), recording status, time and log."""
     if step.needs and not (ROOT / step.needs).exists():
         step.status = f"skipped ({step.needs} not found)"
         return
-    remaining = deadline - time.monotonic() - RESERVE_S * later
-    if remaining < 10:
+    remaining = deadline - time.monotonic()
+    # What is left after keeping a reserve for each later step, but never less than an equal share of what is left.
+    part = max(remaining - RESERVE_S * later, remaining / (later + 1))
+    if part < 5:
         step.status = "skipped (time budget spent)"
         return
-    limit = min(step.limit_s, remaining)
+    limit = min(step.limit_s, part)
     log.write(f"\n===== {step.name}: {' '.join(step.command)} (limit {limit:.0f} s)\n")
     log.flush()
     start = time.monotonic()
@@ -227,18 +238,38 @@ def speedup_svg(path: Path, table: Table, title: str) -> None:
     path.write_text("\n".join(parts) + "\n")
 
 
+# The benchmarks the steps above run with arguments of their own; every other bench/bench_*.py is found and run.
+_NAMED_BENCHMARKS = {"bench_lora_linear.py", "bench_nf4.py", "bench_multi_adapter.py", "bench_e2e.py"}
+# DoRA and MoE first (the benchmarks issue 13 adds), then the others by name.
+_FIRST = ("bench_dora.py", "bench_moe.py")
+
+
+def _other_benchmarks(python: str, results: Path) -> list[Step]:
+    """A step for each further benchmark script: `--output-dir` (every benchmark takes it), and `--quick` where the
+    script offers it."""
+    found = [p for p in (ROOT / "bench").glob("bench_*.py") if p.name not in _NAMED_BENCHMARKS]
+    found.sort(key=lambda p: (_FIRST.index(p.name) if p.name in _FIRST else len(_FIRST), p.name))
+    steps = []
+    for path in found:
+        command = [python, f"bench/{path.name}", "--output-dir", str(results)]
+        if '"--quick"' in path.read_text():
+            command.append("--quick")
+        steps.append(Step(path.stem.removeprefix("bench_"), command, 45, needs=f"bench/{path.name}"))
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: $OUT, else bench/results/)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: $OUT, else the benchmarks' default folder)"
+    )
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for all steps together (default 450)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/peftfast-gpu-run"), help="scratch folder")
     args = parser.parse_args(argv)
     started = time.monotonic()
     deadline = started + args.budget
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or (
-        Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results" / f"gpu-run-{stamp}"
-    )
+    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else _default_output_dir() / f"gpu-run-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
     work = args.work
     results = work / "results"
@@ -255,28 +286,34 @@ def main(argv: list[str] | None = None) -> int:
         PYTHONPATH=os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         PYTHONUNBUFFERED="1",
         PEFTFAST_CACHE_DIR=str(results / "autotune"),
+        PEFTFAST_BENCH_DIR=str(results),
         PEFTFAST_GIT_SHA=_git_sha(),
         TOKENIZERS_PARALLELISM="false",
     )
+    # -P: the checkout's own folders (peftfast/ without its kernels, kernels/ as a top-level package) must not shadow
+    # the copy set up on PYTHONPATH.
     py = sys.executable
-    kernel_tests = [
-        "tests/test_lora_linear_kernels.py",
-        "tests/test_nf4_kernels.py",
-        "tests/test_multi_adapter_kernels.py",
-    ]
+    # Every test file of a kernel (the ones other methods add too), plus the autotune race and QLoRA layers.
+    kernel_tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*kernel*.py"))
     kernel_tests += ["tests/test_autotune.py", "tests/test_qlora.py"]
+    pytest = [py, "-P", "-m", "pytest", "-q", "--maxfail=20", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("xdist") is not None:
+        # Most of a kernel test's time on a GPU is Triton compiling its variants: 8 processes compile in parallel.
+        pytest += ["-n", "8"]
     steps = [
-        Step("info", [py, "-m", "peftfast.cli", "info"], 60),
+        Step("info", [py, "-P", "-m", "peftfast.cli", "info"], 60),
+        Step("gpu-marked tests", [*pytest, "-m", "gpu", "tests"], 90),
+        Step("kernel tests", [*pytest, "-m", "not cpu_kernels and not gpu", *kernel_tests], 120),
         Step(
-            "gpu tests",
-            [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu or not cpu_kernels", *kernel_tests],
-            150,
+            "kernels vs gate",
+            [py, "-P", "-m", "peftfast.compile_gate", "--on-gpu", str(results / "gate_vs_gpu.csv")],
+            90,
         ),
-        Step("kernels vs gate", [py, "-m", "peftfast.compile_gate", "--on-gpu", str(results / "gate_vs_gpu.csv")], 60),
         Step(
             "lora_linear",
             [
                 py,
+                "-P",
                 "-m",
                 "peftfast.cli",
                 "bench",
@@ -298,15 +335,6 @@ def main(argv: list[str] | None = None) -> int:
         Step("nf4", [py, "bench/bench_nf4.py", "--quick", "--output-dir", str(results)], 60),
         Step("multi-adapter", [py, "bench/bench_multi_adapter.py", "--quick", "--output-dir", str(results)], 60),
         Step(
-            "dora",
-            [py, "bench/bench_dora.py", "--quick", "--output-dir", str(results)],
-            45,
-            needs="bench/bench_dora.py",
-        ),
-        Step(
-            "moe", [py, "bench/bench_moe.py", "--quick", "--output-dir", str(results)], 45, needs="bench/bench_moe.py"
-        ),
-        Step(
             "e2e",
             [
                 py,
@@ -326,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             ],
             90,
         ),
-        Step("autotune cache", [py, "-m", "peftfast.cli", "info"], 30),
+        *_other_benchmarks(py, results),
+        Step("autotune cache", [py, "-P", "-m", "peftfast.cli", "info"], 30),
     ]
     for index, step in enumerate(steps):
         later = sum(1 for s in steps[index + 1 :] if not s.needs or (ROOT / s.needs).exists())

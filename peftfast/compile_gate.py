@@ -427,21 +427,14 @@ def parse_ptxas_log(log: str) -> tuple[int, int] | None:
     return int(used.group(1)), int(spills.group(1)) if spills else 0
 
 
-def _describe(constants: dict, num_warps: int, num_stages: int) -> tuple[str, str]:
-    """(variant, config) strings of a compiled kernel from its constexprs."""
-    named = {}
-    for path, value in constants.items():
-        name = path if isinstance(path, str) else None
-        named[name if name is not None else str(path)] = value
-    tiles, variant = [], []
-    for name, value in named.items():
-        text = str(value).removeprefix("fp").replace("bf16", "bf16") if "DTYPE" in name else str(value)
-        if name.startswith(_TILE_PARAMS):
-            tiles.append(f"{name}={value}")
-        elif name not in ("PRECISION",):
-            variant.append(f"{name}={text}")
-    tiles += [f"warps={num_warps}", f"stages={num_stages}"]
-    return " ".join(variant), " ".join(tiles)
+def _describe(named: dict, num_warps: int, num_stages: int) -> tuple[str, str]:
+    """(variant, config) strings of a compiled kernel from its constexprs by name: the tile shape, warps and stages
+    make the config; every other constexpr (code paths, dtypes, sizes and strides Triton specialised to 1) the
+    variant. PRECISION follows from DOT_DTYPE and is left out."""
+    tiles = [f"{name}={value}" for name, value in named.items() if name.startswith(_TILE_PARAMS)]
+    variant = [f"{name}={value}" for name, value in named.items() if not name.startswith(_TILE_PARAMS)]
+    variant = [item for item in variant if not item.startswith("PRECISION=")]
+    return " ".join(variant), " ".join(tiles + [f"warps={num_warps}", f"stages={num_stages}"])
 
 
 def _constexpr_names(fn, constants: dict) -> dict:
@@ -455,10 +448,6 @@ def _constexpr_names(fn, constants: dict) -> dict:
         else:
             named[str(path)] = value
     return named
-
-
-def _dtype_text(value: object) -> str:
-    return str(value)
 
 
 def compile_target(target: Target, names: Sequence[str] | None, subset: bool) -> list[CompiledConfig]:
@@ -576,6 +565,8 @@ def run(
             done = subprocess.run(
                 [sys.executable, "-m", "peftfast.compile_gate", "--worker", spec, "--out", out],
                 env=_worker_env(os.path.join(scratch, f"cache-{index}")),
+                # Not the caller's folder: in a checkout, its peftfast/ (without kernels/) would shadow the install.
+                cwd=scratch,
                 capture_output=True,
                 text=True,
                 timeout=timeout,

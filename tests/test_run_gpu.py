@@ -20,7 +20,7 @@ def test_steps_that_fail_or_overrun_are_recorded_and_the_budget_is_shared(tmp_pa
     run_gpu._run(slow, env, log, deadline, later=0)
     run_gpu._run(failing, env, log, deadline, later=0)
     run_gpu._run(missing, env, log, deadline, later=0)
-    run_gpu._run(starved, env, log, run_gpu.time.monotonic() + 40, later=3)
+    run_gpu._run(starved, env, log, run_gpu.time.monotonic() + 12, later=3)
     log.close()
     assert slow.status == "timed out after 1 s" and slow.seconds < 10
     assert failing.status == "failed (exit 3)"
