@@ -158,7 +158,8 @@ def dual_matmul_shared_bytes(config: triton.Config, first_size: int, second_size
 
 
 def _prune_dual_matmul_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep the configs whose shared memory fits the device (at least the smallest config is always kept)."""
+    """Keep the configs whose shared memory (estimated) fits the device, then those that compile clean on it (see
+    `keep_clean_configs`)."""
     out = named_args["out_ptr"]
     limit = device_properties(out)["max_shared_mem"]
     first = named_args["a1_ptr"].element_size() if kwargs.get("HAS_FIRST", True) else 0
@@ -168,7 +169,43 @@ def _prune_dual_matmul_configs(configs: list[triton.Config], named_args: dict, *
         # more than 64 output elements a thread spilled (128x256 with the dropout mask, 128x128 on 4 warps).
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
     fitting = [c for c in configs if dual_matmul_shared_bytes(c, first, second, kwargs["BLOCK_R"]) <= limit]
-    return fitting or [min(configs, key=lambda c: dual_matmul_shared_bytes(c, first, second, kwargs["BLOCK_R"]))]
+    fitting = fitting or [min(configs, key=lambda c: dual_matmul_shared_bytes(c, first, second, kwargs["BLOCK_R"]))]
+    return keep_clean_configs(_dual_matmul_kernel, fitting, named_args, kwargs)
+
+
+def keep_clean_configs(kernel, configs: list[triton.Config], named_args: dict, kwargs: dict) -> list[triton.Config]:
+    """The configs that, compiled for the GPU at hand, load (shared memory and threads within its limits) and don't
+    spill registers; if none is clean, the one that spills least (a config that can't load at all is dropped).
+
+    What spills depends on the GPU and the Triton version (triton 3.6 spilled a few bytes in 128x256 tiles on sm_80
+    where 3.9 did not), so the check is made here, not only in the compile gate. It costs no extra compile: Triton
+    caches each kernel, and the autotuner would compile every config to time it anyway."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    failures: tuple[type[BaseException], ...] = (CompilationError, OutOfResources)
+    try:
+        from triton.runtime.errors import PTXASError
+
+        failures += (PTXASError,)
+    except ImportError:
+        pass
+    # The autotuner hands its launch arguments on (grid, warmup) beside the kernel's meta-parameters.
+    meta = {name: value for name, value in kwargs.items() if name not in ("grid", "warmup")}
+    clean, spilling = [], []
+    for config in configs:
+        try:
+            compiled = kernel.warmup(*named_args.values(), grid=(1,), **meta, **config.all_kwargs())
+            # Loading the binary checks the device's limits and reads the spill count.
+            _ = compiled.run
+        except failures:
+            continue
+        (spilling if compiled.n_spills else clean).append((compiled.n_spills, config))
+    if clean:
+        return [config for _, config in clean]
+    if spilling:
+        return [min(spilling, key=lambda item: item[0])[1]]
+    return configs[:1]
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])

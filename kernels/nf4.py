@@ -208,14 +208,16 @@ def nf4_lora_matmul_shared_bytes(config: triton.Config, block_m: int, x_size: in
 
 
 def _prune_nf4_lora_matmul_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep the configs that fit the device's shared memory (at least the smallest)."""
-    from .lora_linear import device_properties
+    """Keep the configs whose shared memory (estimated) fits the device, then those that compile clean on it (see
+    `lora_linear.keep_clean_configs`)."""
+    from .lora_linear import device_properties, keep_clean_configs
 
     x = named_args["x_ptr"]
     limit = device_properties(x)["max_shared_mem"]
     size = x.element_size()
     fitting = [c for c in configs if nf4_lora_matmul_shared_bytes(c, kwargs["BLOCK_M"], size) <= limit]
-    return fitting or [min(configs, key=lambda c: nf4_lora_matmul_shared_bytes(c, kwargs["BLOCK_M"], size))]
+    fitting = fitting or [min(configs, key=lambda c: nf4_lora_matmul_shared_bytes(c, kwargs["BLOCK_M"], size))]
+    return keep_clean_configs(_nf4_lora_matmul_kernel, fitting, named_args, kwargs)
 
 
 @triton.jit

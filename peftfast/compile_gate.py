@@ -66,7 +66,7 @@ class CompiledConfig:
 
     kernel: str
     target: str
-    variant: str  # the constexprs that select code paths and dtypes
+    variant: str  # the constexprs that select code paths and dtypes, and the sizes Triton specialised
     config: str  # block sizes, warps, stages
     scenario: str  # the first launcher call that compiled it
     regs: int | None = None
@@ -76,22 +76,27 @@ class CompiledConfig:
     tensor_cores: bool = False
     needs_tensor_cores: bool = False
     error: str | None = None
+    # False for a config the launcher compiled only to prune it (it never runs): shown, but not held to the gate.
+    launched: bool = True
     problems: list[str] = field(default_factory=list)
+    pruned_for: list[str] = field(default_factory=list)
 
     def check(self, target: Target) -> None:
-        """Fill `problems` with every way this kernel fails the gate on `target`."""
-        self.problems = []
+        """Fill `problems` with every way this kernel fails the gate on `target` (`pruned_for` instead, for a config
+        that is never launched)."""
+        found = []
         if self.error is not None:
-            self.problems.append(f"failed: {self.error}")
-            return
-        if self.smem is not None and self.smem > target.max_shared_mem:
-            self.problems.append(f"shared memory {self.smem} B > {target.max_shared_mem} B")
-        if self.spills is None:
-            self.problems.append("no ptxas log (registers and spills unknown)")
-        elif self.spills > 0:
-            self.problems.append(f"spills {self.spills} B of registers")
-        if self.needs_tensor_cores and not self.tensor_cores:
-            self.problems.append("tl.dot without tensor-core instructions")
+            found.append(f"failed: {self.error}")
+        else:
+            if self.smem is not None and self.smem > target.max_shared_mem:
+                found.append(f"shared memory {self.smem} B > {target.max_shared_mem} B")
+            if self.spills is None:
+                found.append("no ptxas log (registers and spills unknown)")
+            elif self.spills > 0:
+                found.append(f"spills {self.spills} B of registers")
+            if self.needs_tensor_cores and not self.tensor_cores:
+                found.append("tl.dot without tensor-core instructions")
+        self.problems, self.pruned_for = (found, []) if self.launched else ([], found or ["not picked"])
 
 
 # ---------------------------------------------------------------------------------------------- compile-only driver
@@ -125,13 +130,16 @@ class _DeviceUtils:
 
 
 class _NoLaunch:
-    """Stands in for Triton's CUDA launcher: built for each compiled kernel, called for each launch, does nothing."""
+    """Stands in for Triton's CUDA launcher: built for each compiled kernel, called for each launch, does nothing but
+    note which kernels were launched (the others were only compiled, by a launcher pruning its configs)."""
+
+    launched: set[str] = set()
 
     def __init__(self, src: object, metadata: object) -> None:
-        pass
+        self.hash = metadata.hash
 
     def __call__(self, *args: object, **kwargs: object) -> None:
-        return None
+        _NoLaunch.launched.add(self.hash)
 
 
 def _compile_only_benchmarker(kernel_call: Callable[[], None], quantiles: Sequence[float] = (), **kwargs) -> list:
@@ -463,6 +471,8 @@ def compile_target(target: Target, names: Sequence[str] | None, subset: bool) ->
     ptxas_stats: dict[bytes, tuple[int, int]] = {}
     triton.runtime.driver.set_active(compile_only_driver(target, ptxas_stats))
     rows: list[CompiledConfig] = []
+    hashes: list[str] = []  # rows[i]'s kernel
+    failed: list[CompiledConfig] = []  # launcher calls that raised
     log = io.StringIO()
     state = {"scenario": "", "position": 0}
 
@@ -479,6 +489,7 @@ def compile_target(target: Target, names: Sequence[str] | None, subset: bool) ->
         ttir, ptx = kernel.asm.get("ttir", ""), kernel.asm.get("ptx", "")
         has_dot = "tt.dot" in ttir
         dot_dtype = str(named.get("DOT_DTYPE", ""))
+        hashes.append(kernel.hash)
         rows.append(
             CompiledConfig(
                 kernel=jit.fn.__name__,
@@ -503,7 +514,7 @@ def compile_target(target: Target, names: Sequence[str] | None, subset: bool) ->
             try:
                 scenario.run()
             except Exception as error:  # a kernel that fails to compile is a result, not a crash of the gate
-                rows.append(
+                failed.append(
                     CompiledConfig(
                         kernel=scenario.name.split()[0],
                         target=target.name,
@@ -515,9 +526,11 @@ def compile_target(target: Target, names: Sequence[str] | None, subset: bool) ->
                 )
         state["position"] = len(log.getvalue())
     knobs.runtime.jit_post_compile_hook = None
-    for row in rows:
+    for row, kernel_hash in zip(rows, hashes):
+        row.launched = kernel_hash in _NoLaunch.launched
+    for row in rows + failed:
         row.check(target)
-    return rows
+    return rows + failed
 
 
 def _first_line(error: BaseException) -> str:
@@ -583,6 +596,14 @@ def run(
     return [row for part in parts for row in part]
 
 
+def _verdict(row: CompiledConfig) -> str:
+    if row.problems:
+        return "FAIL: " + "; ".join(row.problems)
+    if not row.launched:
+        return "pruned: " + "; ".join(row.pruned_for)
+    return "ok"
+
+
 def format_table(rows: Sequence[CompiledConfig]) -> str:
     """kernel, target, variant, config, regs, spills, smem, tc, verdict: one line per compiled kernel."""
     header = ["kernel", "target", "variant", "config", "regs", "spills", "smem", "tc", "ok"]
@@ -599,7 +620,7 @@ def format_table(rows: Sequence[CompiledConfig]) -> str:
                 "-" if row.spills is None else str(row.spills),
                 "-" if row.smem is None else str(row.smem),
                 tc,
-                "ok" if not row.problems else "FAIL: " + "; ".join(row.problems),
+                _verdict(row),
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
@@ -611,18 +632,21 @@ def format_table(rows: Sequence[CompiledConfig]) -> str:
 
 
 def format_summary(rows: Sequence[CompiledConfig]) -> str:
-    """Per kernel and target: configs compiled, failing, most registers, spilling configs, most shared memory."""
+    """Per kernel and target, over the configs a launcher can run: how many, failing, most registers, spilling, most
+    spill bytes, most shared memory; and how many more it compiled only to prune them."""
     groups: dict[tuple[str, str], list[CompiledConfig]] = {}
     for row in rows:
         groups.setdefault((row.kernel.strip("_").removesuffix("_kernel"), row.target), []).append(row)
-    lines = ["kernel                 target  configs  failing  max regs  spilling  max spill B  max smem B"]
+    lines = ["kernel                 target  configs  failing  max regs  spilling  max spill B  max smem B  pruned"]
     for (kernel, target), group in sorted(groups.items()):
-        regs = [r.regs for r in group if r.regs is not None]
-        spills = [r.spills for r in group if r.spills]
-        smem = [r.smem for r in group if r.smem is not None]
+        kept = [r for r in group if r.launched]
+        regs = [r.regs for r in kept if r.regs is not None]
+        spills = [r.spills for r in kept if r.spills]
+        smem = [r.smem for r in kept if r.smem is not None]
         lines.append(
-            f"{kernel:<22} {target:<7} {len(group):>7}  {sum(bool(r.problems) for r in group):>7}  "
+            f"{kernel:<22} {target:<7} {len(kept):>7}  {sum(bool(r.problems) for r in kept):>7}  "
             f"{max(regs, default=0):>8}  {len(spills):>8}  {max(spills, default=0):>11}  {max(smem, default=0):>10}"
+            f"  {len(group) - len(kept):>6}"
         )
     return "\n".join(lines)
 

@@ -54,8 +54,12 @@ def test_every_way_a_kernel_fails_the_gate_is_reported():
     fp32 = _row(tensor_cores=False, needs_tensor_cores=False)
     fp32.check(target)
     assert fp32.problems == []
-    table = compile_gate.format_table([ok, bad])
-    assert "FAIL: shared memory" in table and table.count(" ok") >= 1
+    # A config the launcher compiled only to prune it never runs: reported, not failed.
+    pruned = _row(spills=56, launched=False)
+    pruned.check(target)
+    assert pruned.problems == [] and pruned.pruned_for == ["spills 56 B of registers"]
+    table = compile_gate.format_table([ok, bad, pruned])
+    assert "FAIL: shared memory" in table and "pruned: spills 56 B" in table and table.count(" ok") >= 1
 
 
 def test_scenarios_cover_every_kernel_and_the_subset_every_kernel_too():
@@ -100,9 +104,9 @@ def test_the_representative_subset_passes_the_gate_on_both_targets(subset_rows):
 
 
 def test_the_dual_gemm_keeps_large_tiles_with_dropout_on_h100(subset_rows):
-    """The dX kernel with dropout: every config of the space survives pruning on sm_90 and compiles clean, the
-    128x256-class tiles included (they spilled before the LoRA product moved ahead of the main loop)."""
-    dual = [row for row in subset_rows if row.kernel == "_dual_matmul_kernel" and row.target == "sm_90"]
+    """The dX kernel with dropout: the 128x256-class tiles survive pruning on sm_90 and compile clean (they spilled
+    before the LoRA product moved ahead of the main loop and the mask left Philox)."""
+    dual = [r for r in subset_rows if r.kernel == "_dual_matmul_kernel" and r.target == "sm_90" and r.launched]
     assert all("MASK_SECOND=True" in row.variant for row in dual)
     tiles = {" ".join(row.config.split()[:2]) for row in dual}
     assert {"BLOCK_M=128 BLOCK_N=256", "BLOCK_M=256 BLOCK_N=128", "BLOCK_M=128 BLOCK_N=128"} <= tiles

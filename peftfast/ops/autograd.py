@@ -24,7 +24,6 @@ from . import autotune
 
 _FP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
-PLANS = ("auto", "fused", "composed")
 
 
 def _interpreting() -> bool:
