@@ -314,11 +314,12 @@ def _dual_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-# restore_value: autotuning runs the kernel several times, which would add into `out` again and again when
-# ACCUMULATE is set.
+# Keyed on the code path as well as the sizes: the dropout and accumulate variants prune to other configs (and the
+# fastest config of one need not be the fastest of another). restore_value: autotuning runs the kernel several times,
+# which would add into `out` again and again when ACCUMULATE is set.
 _dual_matmul_tuned = triton.autotune(
     configs=dual_matmul_configs(),
-    key=["M", "N", "K1", "K2"],
+    key=["M", "N", "K1", "K2", "HAS_FIRST", "HAS_BIAS", "MASK_SECOND", "ACCUMULATE", "DOT_DTYPE"],
     restore_value=["out_ptr"],
     prune_configs_by={"early_config_prune": _prune_dual_matmul_configs},
 )(_dual_matmul_kernel)

@@ -364,10 +364,11 @@ def _nf4_lora_matmul_kernel(
     )
 
 
-# Keyed on BLOCK_M rather than M: decode batches of 1..64 rows share four tuned entries per shape.
+# Keyed on BLOCK_M rather than M: decode batches of 1..64 rows share four tuned entries per shape; and on the code
+# path, which prunes to its own configs.
 _nf4_lora_matmul_tuned = triton.autotune(
     configs=nf4_lora_matmul_configs(),
-    key=["BLOCK_M", "N", "K"],
+    key=["BLOCK_M", "N", "K", "NESTED", "HAS_LORA", "HAS_BIAS", "BLOCKSIZE", "DOT_DTYPE"],
     prune_configs_by={"early_config_prune": _prune_nf4_lora_matmul_configs},
 )(_nf4_lora_matmul_kernel)
 
