@@ -463,10 +463,11 @@ def nf4_lora_matmul(
         BLOCK_R=_rank_block(min(R, 64)) if R else MIN_DOT,
     )
     if x.device.type == "cpu" or not row_blocks:
-        # The interpreter is slow and autotuning would multiply that: one small config. Off it, weights whose blocks
-        # straddle rows (rare: K not a multiple of the blocksize) read nibble and scale per element, which takes
-        # a small tile (32 x 64, 2 stages) to stay clear of spills.
-        block_n, block_k, stages = (32, 32, 1) if x.device.type == "cpu" else (32, 64, 2)
+        # The interpreter is slow and autotuning would multiply that: one small config (BLOCK_K 64, so that weights
+        # in blocks of 32 take two scales a tile, as GPU configs do). Off it, weights whose blocks straddle rows
+        # (rare: K not a multiple of the blocksize) read nibble and scale per element, which takes a small tile
+        # (32 x 64, 2 stages) to stay clear of spills.
+        block_n, block_k, stages = (32, 64, 1) if x.device.type == "cpu" else (32, 64, 2)
         grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
         _nf4_lora_matmul_kernel[grid](
             *args, **meta, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, enable_fp_fusion=False

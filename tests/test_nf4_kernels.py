@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import KERNEL
+from tolerances import KERNEL, assert_close
 
 from peftfast import ops
 
@@ -168,6 +168,25 @@ def test_fused_forward_and_backward_within_torch_error(M, dtype, nested):
         kernel_error = (actual.double() - reference).abs().max().item()
         torch_error = (baseline.double() - reference).abs().max().item()
         assert kernel_error <= 1.05 * torch_error + floor, (name, kernel_error, torch_error)
+
+
+@pytest.mark.parametrize(
+    "K,blocksize",
+    [(64, 32), (256, 128), (96, 64), (33, 64)],
+    ids=["two-scales-a-tile", "tile-inside-a-block", "blocks-straddle-rows", "odd-K"],
+)
+def test_fused_4bit_kernel_on_every_weight_layout(K, blocksize):
+    """Whole blocks per row take the row-wise layout (one scale per row and block of a tile, whether a tile spans
+    several blocks or sits inside one); other K read nibble and scale per element. Each against the dequantized W."""
+    M, N, rank = 5, 19, 4
+    packed, state = _quantize((N, K), "nf4", nested=True, blocksize=blocksize)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(M, K, generator=generator).to(DEVICE)
+    shrunk = torch.randn(M, rank, generator=generator).to(DEVICE)
+    lora_B = torch.randn(N, rank, generator=generator).to(DEVICE)
+    y = kernels.nf4_lora_matmul(x, *_fields(packed, state), shrunk=shrunk, lora_B=lora_B, dot_dtype=torch.float32)
+    dense = _bitsandbytes_dequantize(packed, state, torch.float32)
+    assert_close(y, x @ dense.T + shrunk @ lora_B.T, kind="kernel")
 
 
 @pytest.mark.parametrize("M,forward_dequantizations", [(70, 1), (3, 0)], ids=["buffer", "fused"])
