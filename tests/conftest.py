@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
     # the `gpu` tests cover the kernels instead).
     skip_cpu_kernels = pytest.mark.skip(reason="runs Triton kernels on CPU tensors; needs TRITON_INTERPRET=1")
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    skip_full_gate = pytest.mark.skip(reason="the whole compile-gate grid takes ~25 min; set PEFTFAST_GATE_FULL=1")
+    skip_full_gate = pytest.mark.skip(reason="the whole compile-gate grid takes ~10 min; set PEFTFAST_GATE_FULL=1")
     full_gate = os.environ.get("PEFTFAST_GATE_FULL") == "1"
     for item in items:
         if "compile_gate_full" in item.keywords and not full_gate:
