@@ -21,7 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import _TORCH_TO_TL, MIN_DOT, _on_interpreter, _precision, _rank_block
+from .lora_linear import (
+    _TORCH_TO_TL,
+    MIN_DOT,
+    _check_seed,
+    _keep,
+    _on_interpreter,
+    _precision,
+    _rank_block,
+    _seed_key,
+    _sm_count,
+    keep_clean_configs,
+)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel, dropout (two fp32 accumulators) and dot dtype
 # (16-bit: tensor cores; fp32: IEEE dots on the FMA units, far more registers per tile). Every entry compiles for
@@ -179,7 +190,7 @@ def weight_times_adapter(
 # -------------------------------------------------------------------------------------------------------- forward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_ptr"])
 def _dora_forward_kernel(
     # pointers
     x_ptr,
@@ -208,8 +219,8 @@ def _dora_forward_kernel(
     stride_yn,
     stride_zm,
     stride_zn,
-    # dropout of x, drawn as lora_shrink draws it
-    seed,
+    # dropout of x, drawn as lora_shrink draws it (the seed is data: a 1-element int64 tensor)
+    seed_ptr,
     p,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
@@ -239,6 +250,8 @@ def _dora_forward_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_dropped = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DROPOUT:
+        seed = _seed_key(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -254,7 +267,7 @@ def _dora_forward_kernel(
         ).to(DOT_DTYPE)
         acc += tl.dot(x.to(DOT_DTYPE), w, input_precision=PRECISION)
         if DROPOUT:
-            keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+            keep = _keep(seed, offs_m[:, None] * K + offs_k[None, :], p)
             dropped = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
             acc_dropped += tl.dot(dropped.to(DOT_DTYPE), w, input_precision=PRECISION)
     if DROPOUT:
@@ -293,10 +306,21 @@ def _dora_forward_kernel(
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), out_mask)
 
 
+def _keep_clean(kernel):
+    # Configs that spill or can't load on the GPU at hand are dropped before timing (see keep_clean_configs).
+    return {
+        "early_config_prune": lambda configs, named_args, **kwargs: keep_clean_configs(
+            kernel, configs, named_args, kwargs
+        )
+    }
+
+
 _dora_forward_tuned = {
-    (dropout, fp32): triton.autotune(configs=forward_configs(dropout, fp32), key=["M", "N", "K", "R"])(
-        _dora_forward_kernel
-    )
+    (dropout, fp32): triton.autotune(
+        configs=forward_configs(dropout, fp32),
+        key=["M", "N", "K", "R", "HAS_BIAS", "STORE_Z", "DOT_DTYPE"],
+        prune_configs_by=_keep_clean(_dora_forward_kernel),
+    )(_dora_forward_kernel)
     for dropout in (False, True)
     for fp32 in (False, True)
 }
@@ -315,7 +339,7 @@ def dora_forward(
     lora_B: torch.Tensor,
     g: torch.Tensor,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     store_z: bool = True,
     dot_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,8 +347,10 @@ def dora_forward(
     of `lora_shrink` with that seed) z = x_d W^T + S B^T, y = x W^T - x_d W^T + g * z + b. fp32 accumulation.
 
     Shapes: x [M, K]; weight W [N, K]; bias [N] or None; shrunk S [M, R] (s * dropout(x) A^T, fp32); lora_B [N, R];
-    g [N] fp32. Returns y [M, N] in x's dtype and z [M, N] in x's dtype (empty unless `store_z`).
+    g [N] fp32; seed a 1-element int64 tensor (needed when dropout_p > 0). Returns y [M, N] in x's dtype and z [M, N]
+    in x's dtype (empty unless `store_z`).
     """
+    _check_seed("dora_forward", dropout_p, seed)
     M, K = x.shape
     N = weight.shape[0]
     R = shrunk.shape[1]
@@ -366,7 +392,7 @@ def dora_forward(
         y.stride(1),
         z_.stride(0),
         z_.stride(1),
-        seed,
+        seed if seed is not None else g,
         dropout_p,
     )
     common = dict(
@@ -393,7 +419,7 @@ def dora_forward(
 # ------------------------------------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_ptr"])
 def _dora_grad_x_kernel(
     # pointers
     dy_ptr,
@@ -418,8 +444,8 @@ def _dora_grad_x_kernel(
     stride_ak,
     stride_dxm,
     stride_dxk,
-    # dropout of x, drawn as lora_shrink draws it
-    seed,
+    # dropout of x, drawn as lora_shrink draws it (the seed is data: a 1-element int64 tensor)
+    seed_ptr,
     p,
     # meta-parameters
     DROPOUT: tl.constexpr,
@@ -485,7 +511,7 @@ def _dora_grad_x_kernel(
         else:
             acc += product
     if DROPOUT:
-        keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+        keep = _keep(_seed_key(seed_ptr), offs_m[:, None] * K + offs_k[None, :], p)
         acc += tl.where(keep, acc_dropped / (1.0 - p), 0.0)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
@@ -495,9 +521,11 @@ def _dora_grad_x_kernel(
 
 
 _dora_grad_x_tuned = {
-    (dropout, fp32): triton.autotune(configs=grad_x_configs(dropout, fp32), key=["M", "N", "K", "R"])(
-        _dora_grad_x_kernel
-    )
+    (dropout, fp32): triton.autotune(
+        configs=grad_x_configs(dropout, fp32),
+        key=["M", "N", "K", "R", "DOT_DTYPE"],
+        prune_configs_by=_keep_clean(_dora_grad_x_kernel),
+    )(_dora_grad_x_kernel)
     for dropout in (False, True)
     for fp32 in (False, True)
 }
@@ -510,7 +538,7 @@ def dora_grad_x(
     grad_s: torch.Tensor,
     lora_A: torch.Tensor,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     dot_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -518,8 +546,10 @@ def dora_grad_x(
     (1 - p), keep the mask of `lora_shrink` with `seed`. fp32 accumulation.
 
     Shapes: grad_y dY [M, N]; weight W [N, K]; g [N] fp32; grad_s dS [M, R] (the gradient of s * x_d A^T times s,
-    fp32); lora_A [R, K]. Returns dX [M, K] in `out_dtype` (default dY's dtype).
+    fp32); lora_A [R, K]; seed a 1-element int64 tensor (needed when dropout_p > 0). Returns dX [M, K] in `out_dtype`
+    (default dY's dtype).
     """
+    _check_seed("dora_grad_x", dropout_p, seed)
     M, N = grad_y.shape
     K = weight.shape[1]
     R = grad_s.shape[1]
@@ -554,7 +584,7 @@ def dora_grad_x(
         lora_A.stride(1),
         grad_x.stride(0),
         grad_x.stride(1),
-        seed,
+        seed if seed is not None else g,
         dropout_p,
     )
     common = dict(
@@ -632,7 +662,7 @@ def column_dot(grad_y: torch.Tensor, z: torch.Tensor, splits: int | None = None)
         splits = 1
     elif splits is None:
         # Unmeasured tuning, as lora_grad_a's: about two programs per SM.
-        splits = 2 * torch.cuda.get_device_properties(grad_y.device).multi_processor_count // n_blocks
+        splits = 2 * _sm_count(grad_y) // n_blocks
     splits = max(1, min(splits, m_blocks))
     rows_per_split = triton.cdiv(m_blocks, splits) * block_m
     splits = triton.cdiv(M, rows_per_split)

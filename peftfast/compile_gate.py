@@ -354,7 +354,76 @@ def scenarios() -> list[Scenario]:
                     ),
                     main and r_max == 128 and block_m == 64,
                 )
+    # DoRA (kernels/dora.py) and MoE experts (kernels/moe_lora.py): DoRA serves fp32 activations on a GPU too.
+    from .kernels import dora, moe_lora
+
+    # DoRA rank 16; experts: E of them over S routed rows, LoRA shrink (K = hidden H, N = rank) and expand (K = rank).
+    R, E, S, H = 16, 8, 4096, 2048
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        d = str(dtype).removeprefix("torch.")
+        main = dtype == torch.bfloat16
+        for p in (0.0, 0.1):
+            add(
+                f"dora_forward {d} p={p}",
+                lambda dtype=dtype, p=p: dora.dora_forward(
+                    _meta(T, D, dtype=dtype),
+                    _meta(D, D, dtype=dtype),
+                    None,
+                    _meta(T, R, dtype=torch.float32),
+                    _meta(D, R, dtype=torch.float32),
+                    _meta(D, dtype=torch.float32),
+                    p,
+                    _seed(),
+                    dot_dtype=dtype,
+                ),
+                main and p > 0,
+            )
+            add(
+                f"dora_grad_x {d} p={p}",
+                lambda dtype=dtype, p=p: dora.dora_grad_x(
+                    _meta(T, D, dtype=dtype),
+                    _meta(D, D, dtype=dtype),
+                    _meta(D, dtype=torch.float32),
+                    _meta(T, R, dtype=torch.float32),
+                    _meta(R, D, dtype=torch.float32),
+                    p,
+                    _seed(),
+                    dot_dtype=dtype,
+                ),
+                main and p > 0,
+            )
+        add(
+            f"dora weight_times_adapter {d}",
+            lambda dtype=dtype: dora.weight_times_adapter(_meta(D, D, dtype=dtype), _meta(R, D, dtype=torch.float32)),
+            main,
+        )
+        add(
+            f"dora column_dot {d}",
+            lambda dtype=dtype: dora.column_dot(_meta(T, D, dtype=dtype), _meta(T, D, dtype=dtype)),
+            main,
+        )
+        block_m = moe_lora.tile_rows(dtype, False)
+        tiles = _meta(_cdiv(S, block_m) + E, 3, dtype=torch.int32)
+        for k, n in ((H, R), (R, H)):
+            add(
+                f"moe grouped_matmul {d} K={k} N={n}",
+                lambda dtype=dtype, k=k, n=n, tiles=tiles, block_m=block_m: moe_lora.grouped_matmul(
+                    _meta(S, k, dtype=dtype), _meta(E, k, n, dtype=dtype), tiles, block_m, dot_dtype=dtype
+                ),
+                main and k == H,
+            )
+        add(
+            f"moe grouped_outer {d}",
+            lambda dtype=dtype: moe_lora.grouped_outer(
+                _meta(S, H, dtype=dtype), _meta(S, R, dtype=dtype), _meta(E, dtype=torch.int32), dot_dtype=dtype
+            ),
+            main,
+        )
     return found
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _seed_not_specialized() -> None:
@@ -655,10 +724,10 @@ def _compiled_kernels() -> list[tuple[object, object]]:
     """(JIT function, compiled kernel) for every kernel of `peftfast.kernels` compiled in this process."""
     import triton
 
-    from .kernels import lora_linear, nf4, sgmv
+    from .kernels import dora, lora_linear, moe_lora, nf4, sgmv
 
     found = []
-    for module in (lora_linear, nf4, sgmv):
+    for module in (lora_linear, nf4, sgmv, dora, moe_lora):
         for value in vars(module).values():
             if isinstance(value, triton.runtime.JITFunction) and value.__module__ == module.__name__:
                 for cache in value.device_caches.values():

@@ -98,9 +98,15 @@ def test_the_representative_subset_passes_the_gate_on_both_targets(subset_rows):
             "_nf4_lora_matmul_kernel",
             "_sgmv_shrink_kernel",
             "_sgmv_expand_kernel",
+            "_dora_forward_kernel",
+            "_dora_grad_x_kernel",
+            "_weight_times_adapter_kernel",
+            "_column_dot_kernel",
+            "_grouped_matmul_kernel",
+            "_grouped_outer_kernel",
         }, target
     assert all(row.regs is not None and row.smem is not None for row in subset_rows)
-    assert all(row.tensor_cores for row in subset_rows if row.has_dot)
+    assert all(row.tensor_cores for row in subset_rows if row.needs_tensor_cores)
 
 
 def test_the_dual_gemm_keeps_large_tiles_with_dropout_on_h100(subset_rows):

@@ -216,10 +216,11 @@ def _triton_and_reference(M, K, N, r, dtype, dropout_p, with_bias=True, seed=123
     x, weight, bias, lora_A, lora_B, magnitude, norm = _linear_problem(M, K, N, r, dtype, with_bias)
     leaves = [x.requires_grad_(), lora_A.requires_grad_(), lora_B.requires_grad_(), magnitude.requires_grad_()]
     g = (magnitude / norm).float()
-    y, _, _ = ops.dora.dora_linear_fwd(x, weight, bias, lora_A, lora_B, g, 1.5, dropout_p, seed, True)
+    seeds = torch.tensor([seed]) if dropout_p > 0 else None
+    y, _, _ = ops.dora.dora_linear_fwd(x, weight, bias, lora_A, lora_B, g, 1.5, dropout_p, seeds, True)
     grad_y = torch.randn(y.shape, generator=_gen(5))
     got = [y, *_grads(y, leaves, grad_y)]
-    keep = lora_kernels.dropout_keep_mask(M, K, dropout_p, seed) if dropout_p > 0 else None
+    keep = lora_kernels.dropout_keep_mask(M, K, dropout_p, seeds) if dropout_p > 0 else None
     y_ref = _dense_dora(x, weight, bias, lora_A, lora_B, magnitude, norm, 1.5, keep, dropout_p)
     want = [y_ref, *_grads(y_ref, leaves, grad_y)]
     y_torch = _dense_dora(x, weight, bias, lora_A, lora_B, magnitude, norm, 1.5, keep, dropout_p, dtype)

@@ -71,7 +71,7 @@ def dora_linear_fwd(
     g: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     store_z: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernels, lora_kernels = _kernels()
@@ -100,7 +100,7 @@ def dora_linear_bwd(
     z: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     needs_input_grad: bool,
     needs_g_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,13 +129,13 @@ def _(grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling, dropout_p, seed,
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, g, output[1], output[2])
-    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+    ctx.save_for_backward(x, weight, lora_A, lora_B, g, output[1], output[2], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_y, grad_shrunk, grad_z):
-    x, weight, lora_A, lora_B, g, shrunk, z = ctx.saved_tensors
+    x, weight, lora_A, lora_B, g, shrunk, z, seed = ctx.saved_tensors
     needs_g_grad = ctx.needs_input_grad[5]
     if needs_g_grad and z.numel() == 0 and grad_y.numel() != 0:
         raise RuntimeError("dora_linear: the magnitude needs a gradient but the forward ran without keeping z.")
@@ -150,7 +150,7 @@ def _backward(ctx, grad_y, grad_shrunk, grad_z):
         z,
         ctx.scaling,
         ctx.dropout_p,
-        ctx.seed,
+        seed,
         ctx.needs_input_grad[0],
         needs_g_grad,
     )
@@ -221,7 +221,8 @@ def dora_linear_triton(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     p = float(dropout_p) if training else 0.0
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
+    # The seed stays data (a tensor), as in `autograd.lora_linear_triton`: no .item(), no graph break.
+    seed = autograd.new_seeds(1, x.device) if p > 0 else None
     g = (magnitude.reshape(-1) / weight_norm.detach().to(magnitude.dtype)).float()
     store_z = torch.is_grad_enabled() and g.requires_grad
     y, _, _ = dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, g, float(scaling), p, seed, store_z)
