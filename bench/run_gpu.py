@@ -293,9 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     # -P: the checkout's own folders (peftfast/ without its kernels, kernels/ as a top-level package) must not shadow
     # the copy set up on PYTHONPATH.
     py = sys.executable
-    # Every test file of a kernel (the ones other methods add too), plus the autotune race and QLoRA layers.
+    # Every test file of a kernel (the ones other methods add too), the autotune race, QLoRA, DoRA and MoE layers.
     kernel_tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*kernel*.py"))
-    kernel_tests += ["tests/test_autotune.py", "tests/test_qlora.py"]
+    kernel_tests += [
+        f"tests/{name}"
+        for name in ("test_autotune.py", "test_qlora.py", "test_dora.py", "test_target_parameters.py")
+        if (ROOT / "tests" / name).exists()
+    ]
     pytest = [py, "-P", "-m", "pytest", "-q", "--maxfail=20", "-p", "no:cacheprovider"]
     if importlib.util.find_spec("xdist") is not None:
         # Most of a kernel test's time on a GPU is Triton compiling its variants: 8 processes compile in parallel.
