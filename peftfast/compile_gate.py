@@ -5,7 +5,8 @@ How: the real launchers of `peftfast.kernels` run on `meta` tensors (they have d
 pointer, and aren't CPU tensors, so the launchers pick their GPU block sizes and Triton specialises alignment and
 divisibility exactly as on a GPU) under `CompileOnlyDriver`, a stand-in for Triton's CUDA driver that reports the
 target and its limits, compiles, and never launches. Its benchmarker compiles every config an autotuner keeps after
-pruning, so each row below is a kernel a launcher can really run. Per compiled kernel the gate reads registers and
+pruning, so each row is a kernel a launcher can really run; configs the launchers compile only to prune them (see
+`kernels.lora_linear.keep_clean_configs`) are listed as pruned. Per compiled kernel the gate reads registers and
 spills from ptxas's own log, shared memory from the kernel's metadata and tensor-core instructions (`mma`, `wgmma`)
 from its PTX, and checks:
 
@@ -17,7 +18,7 @@ Each target compiles in worker processes of its own (Triton picks its target per
 TRITON_INTERPRET, which the test suite sets, must be off), with a fresh Triton cache so that ptxas really runs.
 
     peftfast gate                  # the representative subset, both targets, the table and a verdict
-    peftfast gate --full           # every scenario (644 kernels, about 10 minutes on 2 cores)
+    peftfast gate --full           # every scenario (750 kernels, about 10 minutes on 2 cores)
     python bench/compile_gate.py   # the same
 """
 

@@ -2,7 +2,7 @@
 machine, every config their launchers can pick for a representative subset of launches, each checked for shared
 memory within the block limit, no register spills and tensor-core instructions wherever a 16-bit `tl.dot` is.
 
-The subset runs in the default suite (two worker processes); the whole grid (644 kernels, about 10 minutes on
+The subset runs in the default suite (two worker processes); the whole grid (750 kernels, about 10 minutes on
 2 cores) runs with PEFTFAST_GATE_FULL=1 or as `peftfast gate --full`.
 """
 
