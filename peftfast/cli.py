@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import bench
+from . import bench, compile_gate
 from .bench import cpu_threads
 from .mapping import get_peft_model
-from .ops import get_backend
+from .ops import autotune, get_backend
 from .peft_model import PeftModel
 from .tuners.lora import LoraConfig
 from .version import __version__
@@ -124,8 +124,6 @@ def print_info() -> None:
     width = max(len(label) for label in info)
     for label, value in info.items():
         print(f"{label + ':':<{width + 1}} {value}")
-    from .ops import autotune
-
     for line in autotune.describe():
         print(line)
 
@@ -281,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(
         commands.add_parser("bench", help="time the LoRA linear layer against the bare GEMM and HF PEFT, save CSV rows")
     )
-    from . import compile_gate
-
     compile_gate.add_arguments(
         commands.add_parser(
             "gate", help="compile every kernel config for sm_80/sm_90 on CPU: regs, spills, shared memory, tensor cores"
@@ -309,8 +305,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         return bench.run_from_args(args)
     if args.command == "gate":
-        from . import compile_gate
-
         return compile_gate.run_from_args(args)
     parser.print_help()
     return 2
