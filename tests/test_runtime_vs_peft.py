@@ -363,8 +363,8 @@ def test_mixed_batch_generate_matches_peft_and_single_rows(llama_dir):
 
 
 def test_mixed_batch_groups_rows_once_per_call(llama_dir):
-    """Every layer gets the same grouping object from the forward hook (the grouping is computed once per call)."""
-    from peftfast.utils.mixed_batch import AdapterRowGroups
+    """Every layer gets the same mixed batch object (the grouping and the row tensor are made once per call)."""
+    from peftfast.utils.mixed_batch import MixedBatch
 
     model = _load(peftfast, llama_dir, ["red", "green"])
     seen = []
@@ -380,8 +380,8 @@ def test_mixed_batch_groups_rows_once_per_call(llama_dir):
         if isinstance(module, BaseTunerLayer):
             module._mixed_batch_forward = recording(module._mixed_batch_forward)
     _logits(model, _ids(), adapter_names=["green", "red", "green"])
-    assert seen and all(isinstance(item, AdapterRowGroups) and item is seen[0] for item in seen)
-    assert seen[0].groups == {"green": [0, 2], "red": [1]}
+    assert seen and all(isinstance(item, MixedBatch) and item is seen[0] for item in seen)
+    assert seen[0].groups.groups == {"green": [0, 2], "red": [1]}
 
 
 def test_mixed_batch_errors(llama_dir):

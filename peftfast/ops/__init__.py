@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import autograd, autotune, dispatch, reference
+from . import autograd, dispatch, multi_adapter, reference
 from .dispatch import available_backends, get_backend, set_backend, use_backend
 
 dispatch.register("lora_linear", "torch", reference.lora_linear)
@@ -88,38 +88,10 @@ def lora_add_masked(
     return implementation(result, x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training, token_mask)
 
 
-def _can_run_lora_multi_adapter(y, x, lora_A, lora_B_t, lora_B_bias, scaling, *args, **kwargs) -> bool:
-    """Whether the SGMV kernels serve this call: GPU tensors (or CPU ones under TRITON_INTERPRET=1) on one device,
-    float adapter weights and activations (fp16/bf16 on a GPU, see `autograd.serves_activation_dtype`), int32 token
-    offsets."""
-    on_device = x.is_cuda or (x.device.type == "cpu" and autograd._interpreting())
-    tensors = [y, x, lora_A, lora_B_t, scaling] + ([lora_B_bias] if lora_B_bias is not None else [])
-    if not on_device or any(t.device != x.device for t in tensors):
-        return False
-    if any(t.dtype not in autograd._FP_DTYPES for t in (y, x, lora_A, lora_B_t)):
-        return False
-    if not autograd.serves_activation_dtype(x):
-        return False
-    return max(x.numel(), y.numel()) < 2**31 and autograd.triton_available()
-
-
-def _lora_multi_adapter_triton(y, x, lora_A, *args) -> torch.Tensor:
-    # Imported here so that `import peftfast` works without Triton.
-    from ..kernels import sgmv
-
-    def kernels() -> torch.Tensor:
-        return sgmv.lora_multi_adapter(y, x, lora_A, *args)
-
-    if autograd.requested_plan() == "fused":
-        return kernels()
-    # `auto`: a kernel that fails here falls back to torch for this shape class (see `autotune`).
-    key = f"lora_multi_adapter|M{autotune.size_class(x.shape[0])}|K{x.shape[1]}|N{y.shape[1]}|R{args[-1]}|{x.dtype}"
-    fallback = lambda: reference.lora_multi_adapter(y, x, lora_A, *args)  # noqa: E731
-    return autotune.run_with_fallback("lora_multi_adapter", key, x.device, kernels, fallback)
-
-
 dispatch.register("lora_multi_adapter", "torch", reference.lora_multi_adapter)
-dispatch.register("lora_multi_adapter", "triton", _lora_multi_adapter_triton, can_serve=_can_run_lora_multi_adapter)
+dispatch.register(
+    "lora_multi_adapter", "triton", multi_adapter.lora_multi_adapter_triton, can_serve=multi_adapter.can_run
+)
 
 
 def multi_adapter_bank_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -402,15 +402,70 @@ def lora_linear_4bit(
     return lora_add(base, x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
 
 
-def _tile_groups(tiles: torch.Tensor, group_slot: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(slot, start, end) of each group served in this layer; a group's tiles are consecutive in token order."""
-    spans: dict[int, list[int]] = {}
-    for group, start, end in tiles.tolist():
-        if group >= 0 and end > start:
-            span = spans.setdefault(group, [start, end])
-            span[0], span[1] = min(span[0], start), max(span[1], end)
-    slots = group_slot.tolist()
-    return [(slots[group], start, end) for group, (start, end) in spans.items() if slots[group] >= 0]
+class _Tiles(NamedTuple):
+    """Each tile of a token layout, worked out with static shapes: the slot it runs (-1: none), the token and the
+    position (in token_order) of each of its block_m rows, which of those rows are real, and the adapter rows (in
+    the packed weights) of its rank dimension, with which of those are real."""
+
+    slot: torch.Tensor  # [n_tiles] int64, clamped to >= 0 (see `live`)
+    tokens: torch.Tensor  # [n_tiles, block_m] int64, clamped into [0, M)
+    positions: torch.Tensor  # [n_tiles, block_m] int64
+    live: torch.Tensor  # [n_tiles, block_m] bool
+    rank_rows: torch.Tensor  # [n_tiles, r_max] int64, clamped into [0, R_total)
+    in_rank: torch.Tensor  # [n_tiles, r_max] bool
+
+
+def _tiles(
+    slot_spans: torch.Tensor,
+    group_slot: torch.Tensor,
+    token_order: torch.Tensor,
+    tiles: torch.Tensor,
+    block_m: int,
+    r_max: int,
+    total_rows: int,
+) -> _Tiles:
+    group, start, end = tiles.long().unbind(1)
+    if group_slot.numel() == 0:
+        slot = torch.full_like(group, -1)
+    else:
+        slot = torch.where(group >= 0, group_slot.long()[group.clamp(min=0)], -1)
+    active = slot >= 0
+    slot = slot.clamp(min=0)
+    positions = start[:, None] + torch.arange(block_m, device=tiles.device)
+    live = active[:, None] & (positions < end[:, None])
+    tokens = token_order.long()[positions.clamp(max=max(token_order.shape[0] - 1, 0))]
+    first_row, rank = slot_spans.long()[slot].unbind(-1) if slot_spans.numel() else (slot, torch.zeros_like(slot))
+    offsets = torch.arange(r_max, device=tiles.device)
+    in_rank = active[:, None] & (offsets < rank[:, None])
+    rank_rows = (first_row[:, None] + offsets).clamp(max=max(total_rows - 1, 0))
+    return _Tiles(slot, tokens, positions, live, rank_rows, in_rank)
+
+
+def _tile_inputs(x: torch.Tensor, lora_A: torch.Tensor, parts: _Tiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each tile's rows of x [n_tiles, block_m, d_in] and its adapter's A [n_tiles, r_max, d_in], zero where not
+    real, in A's dtype."""
+    x_tiles = x[parts.tokens].to(lora_A.dtype) * parts.live[..., None]
+    A_tiles = lora_A[parts.rank_rows] * parts.in_rank[..., None]
+    return x_tiles, A_tiles
+
+
+def _add_tile_outputs(
+    y: torch.Tensor,
+    shrunk: torch.Tensor,
+    lora_B_t: torch.Tensor,
+    lora_B_bias: torch.Tensor | None,
+    scaling: torch.Tensor,
+    parts: _Tiles,
+) -> torch.Tensor:
+    """y[token] += (t @ B_t[rows of the tile's slot] + B_bias[slot]) * scaling[slot] for every real row of every
+    tile, t [n_tiles, block_m, r_max] zero outside the slot's rank; HF PEFT's mixed-batch rule for the sum (the term
+    cast to y's dtype, then added). Rows that are not real add an exact 0."""
+    B_tiles = lora_B_t[parts.rank_rows] * parts.in_rank[..., None]
+    delta = torch.bmm(shrunk.to(lora_B_t.dtype), B_tiles)
+    if lora_B_bias is not None:
+        delta = delta + lora_B_bias[parts.slot][:, None, :]
+    delta = delta * scaling[parts.slot][:, None, None] * parts.live[..., None]
+    return y.index_add_(0, parts.tokens.flatten(), delta.flatten(0, 1).to(y.dtype))
 
 
 def lora_shrink_sgmv(
@@ -431,13 +486,16 @@ def lora_shrink_sgmv(
     int32 (group, start, end) positions in token_order, group -1 = idle, end - start <= block_m.
     Returns t [M, r_max] in token_order's order.
     """
-    out = torch.zeros(x.shape[0], r_max, device=x.device, dtype=torch.float32)
-    spans = slot_spans.tolist()
-    for slot, start, end in _tile_groups(tiles, group_slot):
-        row, rank = spans[slot]
-        tokens = token_order[start:end].long()
-        out[start:end, :rank] = F.linear(x[tokens].to(lora_A.dtype), lora_A[row : row + rank]).float()
-    return out
+    M = x.shape[0]
+    out = torch.zeros(M + 1, r_max, device=x.device, dtype=torch.float32)
+    if M == 0 or r_max == 0:
+        return out[:M]
+    parts = _tiles(slot_spans, group_slot, token_order, tiles, block_m, r_max, lora_A.shape[0])
+    x_tiles, A_tiles = _tile_inputs(x, lora_A, parts)
+    shrunk = torch.bmm(x_tiles, A_tiles.transpose(1, 2)).float()
+    # Rows that are not real go to a spare last row: every real position is written once, so the result is exact.
+    rows = torch.where(parts.live, parts.positions, M).flatten()
+    return out.index_put_((rows,), shrunk.flatten(0, 1))[:M]
 
 
 def lora_expand_sgmv(
@@ -458,14 +516,12 @@ def lora_expand_sgmv(
     Shapes: y [M, d_out]; shrunk t [M, r_max] fp32 in token_order's order; lora_B_t [R_total, d_out] (B transposed);
     lora_B_bias [n_slots, d_out] or None; scaling [n_slots] fp32; the rest as in `lora_shrink_sgmv`.
     """
-    spans = slot_spans.tolist()
-    for slot, start, end in _tile_groups(tiles, group_slot):
-        row, rank = spans[slot]
-        tokens = token_order[start:end].long()
-        bias = lora_B_bias[slot] if lora_B_bias is not None else None
-        delta = F.linear(shrunk[start:end, :rank].to(lora_B_t.dtype), lora_B_t[row : row + rank].T, bias)
-        y[tokens] = (y[tokens] + delta * scaling[slot].item()).to(y.dtype)
-    return y
+    M, r_max = shrunk.shape
+    if M == 0 or r_max == 0:
+        return y
+    parts = _tiles(slot_spans, group_slot, token_order, tiles, block_m, r_max, lora_B_t.shape[0])
+    shrunk_tiles = shrunk[parts.positions.clamp(max=M - 1)] * parts.live[..., None]
+    return _add_tile_outputs(y, shrunk_tiles, lora_B_t, lora_B_bias, scaling, parts)
 
 
 def lora_multi_adapter(
@@ -487,16 +543,15 @@ def lora_multi_adapter(
 
     Shapes: y [M, d_out]; x [M, d_in]; packed adapters and token layout as in `lora_shrink_sgmv`/`lora_expand_sgmv`
     (A[s] = lora_A[row_s : row_s + r_s], B[s] = lora_B_t[row_s : row_s + r_s].T); r_max = max_s r_s.
+
+    Computed tile by tile as the SGMV kernels are (gathers and batched matmuls of shapes fixed by the layout), so it
+    has no data-dependent shape and traces into one graph under torch.compile.
     """
-    spans = slot_spans.tolist()
-    for slot, start, end in _tile_groups(tiles, group_slot):
-        row, rank = spans[slot]
-        tokens = token_order[start:end].long()
-        bias = lora_B_bias[slot] if lora_B_bias is not None else None
-        after_A = F.linear(x[tokens].to(lora_A.dtype), lora_A[row : row + rank])
-        delta = F.linear(after_A, lora_B_t[row : row + rank].T, bias) * scaling[slot].item()
-        y[tokens] = (y[tokens] + delta).to(y.dtype)
-    return y
+    if x.shape[0] == 0 or r_max == 0:
+        return y
+    parts = _tiles(slot_spans, group_slot, token_order, tiles, block_m, r_max, lora_A.shape[0])
+    x_tiles, A_tiles = _tile_inputs(x, lora_A, parts)
+    return _add_tile_outputs(y, torch.bmm(x_tiles, A_tiles.transpose(1, 2)), lora_B_t, lora_B_bias, scaling, parts)
 
 
 def embedding_with_replaced_rows(

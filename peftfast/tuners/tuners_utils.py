@@ -6,7 +6,7 @@ import collections
 import copy
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -380,6 +380,30 @@ class BaseTunerLayer:
                 stacklevel=3,
             )
         return None
+
+
+def named_modules_outside_adapters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`model.named_modules()` (same order, each module once) without walking into what belongs to one adapter: the
+    entries of an adapter layer's per-adapter containers (`lora_A`, `lora_dropout`, ...: the attributes its class
+    names in `adapter_layer_names` / `other_param_names`) and a modules_to_save wrapper's copies. The containers
+    themselves are yielded. The cost does not grow with the number of adapters loaded, which is what keeps adding
+    the N-th adapter as cheap as adding the first."""
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, name: str, walk_children: bool) -> Iterator[tuple[str, nn.Module]]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield name, module
+        if not walk_children:
+            return
+        cls = type(module)
+        owned = (*getattr(cls, "adapter_layer_names", ()), *getattr(cls, "other_param_names", ()))
+        for child_name, child in module._modules.items():
+            if child is not None:
+                yield from walk(child, f"{name}.{child_name}" if name else child_name, child_name not in owned)
+
+    yield from walk(model, prefix, True)
 
 
 class BasePromptEncoder(nn.Module):

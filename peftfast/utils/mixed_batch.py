@@ -1,18 +1,19 @@
-"""Per-row adapter selection for mixed-adapter batches (`model(..., adapter_names=[...])`).
+"""Per-row adapter selection for mixed-adapter batches (`model(..., adapter_names=[...])`), as data.
 
-The forward hook of `LoraModel` wraps the user's list in an `AdapterRowGroups` once per call and hands that same
-object to every adapter layer, so the grouping of rows by adapter (and the index tensors, per device) is computed once
-per forward call instead of once per layer. A layer called directly with a plain list builds its own.
+`MixedBatch` holds one call's choice: the adapter of each batch row as a name (for code that loops over adapters in
+Python) and as an int32 index tensor into a fixed list of adapters (the model's), -1 for "__base__". The tensor is
+made before the model runs, once per call and device, so a compiled forward reads it as an input: a new
+`adapter_names` assignment of the same batch size is new data for the same graph, never a recompile.
 
-For the multi-adapter kernels (`peftfast.ops.lora_multi_adapter`) it also builds, once per call and tokens-per-row,
-the token layout: tokens sorted by adapter group and cut into tiles of one group each. The number of tiles is a bound
-computed from shapes only (tokens, tile size, number of adapters the model holds), so the kernels' grid never depends
-on which adapters the batch uses.
+From that tensor, `token_layout` builds what the multi-adapter op (`peftfast.ops.lora_multi_adapter`) takes: the
+tokens sorted by adapter and cut into tiles of one adapter each. Every shape in it follows from shapes alone (tokens,
+tile height, number of adapters), never from which adapters the batch uses, so the same code runs eagerly, traced by
+torch.compile without a graph break, and inside a CUDA graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -25,12 +26,13 @@ PREFILL_BLOCK_M = 64
 
 
 class TokenLayout(NamedTuple):
-    """Tokens grouped by adapter for the multi-adapter kernels.
+    """Tokens grouped by adapter for the multi-adapter op.
 
-    token_order [M] int32: token indices, group after group (groups in order of first appearance);
-    tiles [n_tiles, 3] int32: (group, start, end) positions in token_order, at most block_m long, inside one group;
-        "__base__" rows get no tile; unused tiles are (-1, 0, 0);
-    block_m: the tile height the kernels must use.
+    token_order [M] int32: token indices, adapter after adapter (in the order of the adapter list), "__base__" last;
+    tiles [n_tiles, 3] int32: (group, start, end) positions in token_order, at most block_m long, inside one group,
+        where group is the index of the adapter in the adapter list; "__base__" tokens get no tile; unused tiles are
+        (-1, 0, 0). n_tiles = ceil(M / block_m) + min(M, number of adapters), a bound from shapes only;
+    block_m: the tile height.
     """
 
     token_order: torch.Tensor
@@ -38,30 +40,67 @@ class TokenLayout(NamedTuple):
     block_m: int
 
 
+def block_m_for(tokens_per_row: int) -> int:
+    """The tile height for rows of `tokens_per_row` tokens."""
+    return PREFILL_BLOCK_M if tokens_per_row >= PREFILL_BLOCK_M else DECODE_BLOCK_M
+
+
+def token_layout(row_adapter: torch.Tensor, tokens_per_row: int, num_adapters: int) -> TokenLayout:
+    """The layout of `row_adapter.shape[0]` rows of `tokens_per_row` tokens each (row-major), row i using adapter
+    `row_adapter[i]` (an index below `num_adapters`, or -1 for none). Static shapes, no host sync."""
+    rows = row_adapter.shape[0]
+    total = rows * tokens_per_row
+    block_m = block_m_for(tokens_per_row)
+    n_tiles = -(-total // block_m) + min(total, num_adapters)
+    device = row_adapter.device
+    token_adapter = row_adapter.long()[:, None].expand(rows, tokens_per_row).reshape(total)
+    # "__base__" tokens sort after every adapter's (key num_adapters) and get no tile.
+    key = torch.where(token_adapter < 0, num_adapters, token_adapter)
+    token_order = torch.argsort(key, stable=True).to(torch.int32)
+    if num_adapters == 0 or n_tiles == 0:
+        tiles = torch.tensor([-1, 0, 0], dtype=torch.int32, device=device).repeat(n_tiles, 1)
+        return TokenLayout(token_order, tiles, block_m)
+    counts = torch.zeros(num_adapters + 1, dtype=torch.long, device=device)
+    counts = counts.scatter_add(0, key, torch.ones_like(key))[:num_adapters]
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    tiles_per_adapter = (counts + block_m - 1) // block_m
+    tile_ends = tiles_per_adapter.cumsum(0)
+    tile = torch.arange(n_tiles, device=device)
+    # Tile t belongs to the first adapter whose tiles end after t; past the last one it is idle.
+    adapter = torch.searchsorted(tile_ends, tile, right=True)
+    live = adapter < num_adapters
+    adapter = adapter.clamp(max=num_adapters - 1)
+    start = starts[adapter] + (tile - (tile_ends[adapter] - tiles_per_adapter[adapter])) * block_m
+    end = torch.minimum(start + block_m, ends[adapter])
+    zero = torch.zeros_like(start)
+    tiles = torch.stack(
+        (torch.where(live, adapter, -1), torch.where(live, start, zero), torch.where(live, end, zero)), dim=1
+    )
+    return TokenLayout(token_order, tiles.to(torch.int32), block_m)
+
+
 class AdapterRowGroups(list):
     """The adapter name of each batch row ("__base__": no adapter), grouped by name.
 
     It is a `list` of the names, so code that only reads `adapter_names` sees the list it expects; `groups` maps each
     distinct name (in order of first appearance) to its row positions, and `rows(name, device)` gives those positions
-    as an index tensor, built once per (name, device).
+    as an index tensor, built once per (name, device). Layers that loop over adapters in Python use it.
     """
 
-    def __init__(self, adapter_names: Iterable[str], num_adapters: int | None = None) -> None:
-        """`num_adapters`: how many adapters the model holds (the bound on distinct adapters in a batch, which sizes
-        the kernels' grid); None: the number of distinct adapters in this batch."""
+    def __init__(self, adapter_names: Iterable[str]) -> None:
         super().__init__(adapter_names)
         self.groups: dict[str, list[int]] = {}
         for position, name in enumerate(self):
             self.groups.setdefault(name, []).append(position)
-        self.names = tuple(self.groups)
-        present = sum(name != BASE for name in self.groups)
-        self.num_adapters = present if num_adapters is None else max(num_adapters, present)
         self._index_tensors: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self._layouts: dict[tuple[int, torch.device], TokenLayout] = {}
 
     @classmethod
     def of(cls, adapter_names: Iterable[str]) -> AdapterRowGroups:
-        """`adapter_names` itself when it already is an `AdapterRowGroups`, else a new one built from it."""
+        """`adapter_names` itself when it already is an `AdapterRowGroups` (or the groups of a `MixedBatch`), else a
+        new one built from it."""
+        if isinstance(adapter_names, MixedBatch):
+            return adapter_names.groups
         return adapter_names if isinstance(adapter_names, cls) else cls(adapter_names)
 
     def rows(self, name: str, device: torch.device) -> torch.Tensor:
@@ -73,31 +112,62 @@ class AdapterRowGroups(list):
             self._index_tensors[key] = index
         return index
 
-    def token_layout(self, tokens_per_row: int, device: torch.device) -> TokenLayout:
-        """The layout of the batch's rows * tokens_per_row tokens (row-major), built once per (tokens_per_row,
-        device): prefill and each decode step of one `generate` call share this object."""
-        key = (tokens_per_row, torch.device(device))
+
+class MixedBatch:
+    """One call's adapter per batch row, by name and as data (see the module docstring).
+
+    `adapters` fixes the index space: row i uses `adapters[row_adapter[i]]`, or no adapter where the index is -1
+    ("__base__", or a name not in `adapters`). `devices` are those the row tensor is made on at once (the devices of
+    the model's adapter layers), so that a compiled region only reads it.
+    """
+
+    def __init__(
+        self, adapter_names: Sequence[str], adapters: Sequence[str], devices: Iterable[torch.device] = ()
+    ) -> None:
+        self.names = list(adapter_names)
+        self.adapters = tuple(adapters)
+        self.groups = AdapterRowGroups(self.names)
+        index = {name: position for position, name in enumerate(self.adapters)}
+        self._row_adapter = [index.get(name, -1) for name in self.names]
+        self.used = frozenset(name for name in self.groups.groups if name in index)
+        self._rows: dict[torch.device, torch.Tensor] = {}
+        self._layouts: dict[tuple[int, torch.device], TokenLayout] = {}
+        for device in devices:
+            self.row_adapter(device)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def of(cls, adapter_names: Sequence[str] | MixedBatch, adapters: Sequence[str]) -> MixedBatch:
+        """`adapter_names` itself when it is a `MixedBatch`, else one over `adapters`."""
+        return adapter_names if isinstance(adapter_names, cls) else cls(adapter_names, adapters)
+
+    def row_adapter(self, device: torch.device) -> torch.Tensor:
+        """int32 [rows]: the index in `adapters` of each row's adapter, -1 for none."""
+        rows = self._rows.get(device)
+        if rows is None:
+            rows = torch.tensor(self._row_adapter, dtype=torch.int32, device=device)
+            if not torch.compiler.is_compiling():
+                self._rows[device] = rows
+        return rows
+
+    def layout(self, tokens_per_row: int, device: torch.device) -> TokenLayout:
+        """The token layout for rows of `tokens_per_row` tokens: built once per (tokens_per_row, device) when eager,
+        so that prefill and each decode step of one `generate` call share it across layers; traced where compiled."""
+        if torch.compiler.is_compiling():
+            return token_layout(self.row_adapter(device), tokens_per_row, len(self.adapters))
+        key = (tokens_per_row, device)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._build_layout(tokens_per_row, device)
+            layout = token_layout(self.row_adapter(device), tokens_per_row, len(self.adapters))
             self._layouts[key] = layout
         return layout
 
-    def _build_layout(self, tokens_per_row: int, device: torch.device) -> TokenLayout:
-        block_m = PREFILL_BLOCK_M if tokens_per_row >= PREFILL_BLOCK_M else DECODE_BLOCK_M
-        offsets = torch.arange(tokens_per_row)
-        order, tiles, start = [], [], 0
-        for group, (name, rows) in enumerate(self.groups.items()):
-            order.append((torch.tensor(rows)[:, None] * tokens_per_row + offsets).flatten())
-            end = start + len(rows) * tokens_per_row
-            if name != BASE:
-                tiles.extend((group, first, min(first + block_m, end)) for first in range(start, end, block_m))
-            start = end
-        total = start
-        # Each group adds at most one partial tile: sum_g ceil(n_g / b) <= ceil(M / b) + (groups - 1).
-        bound = -(-total // block_m) + min(total, self.num_adapters)
-        tiles.extend([(-1, 0, 0)] * (bound - len(tiles)))
-        token_order = torch.cat(order).to(torch.int32) if order else torch.zeros(0, dtype=torch.int32)
-        return TokenLayout(
-            token_order.to(device), torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(device), block_m
-        )
+
+class MixedBatchSource:
+    """Where the LoRA layers of one model find the mixed batch of the call in progress (`batch`, None between
+    calls). Layers hold a reference to it, so a call sets one attribute instead of registering a hook per layer."""
+
+    def __init__(self) -> None:
+        self.batch: MixedBatch | None = None

@@ -1,5 +1,5 @@
-"""The adapter bank of a LoRA Linear layer: every loaded adapter's A and B packed into two tensors for the
-multi-adapter kernels (`peftfast.ops.lora_multi_adapter`), kept in step with the layer's adapters.
+"""The adapter bank of a LoRA Linear layer: its adapters' A and B packed into two tensors for the multi-adapter op
+(`peftfast.ops.lora_multi_adapter`), packed afresh from the live weights on every mixed-batch call.
 
 Layout: adapters packed row-wise with no padding, `lora_A` [sum_i r_i, d_in] and `lora_B_t` [sum_i r_i, d_out]
 (B transposed, so a slot's rows are contiguous along d_out and a [rank, BLOCK_N] tile is a coalesced load), slot i
@@ -13,146 +13,123 @@ Why neither padding to r_max nor grouping by rank. Per layer of d_in = d_out = 4
   reads are the same either way (loads past an adapter's rank are masked and fetch nothing), so padding only wastes
   memory, up to 64x for rank-1 adapters beside a rank-64 one;
 - grouping by rank stores exactly sum_i r_i rows too but needs a shrink and an expand launch per distinct rank: with 4
-  ranks, 8 launches per layer instead of 2, ~1300 more launches on a decode step of Llama-7B (224 LoRA layers); a
-  decode step's LoRA work in one layer (reading 32 x r16 adapters: 16 MiB fp32 or 8 MiB bf16, ~3-5 us at H100
-  bandwidth) is of the order of one launch, so the extra launches would roughly double it (estimated, not timed);
+  ranks, 8 launches per layer instead of 2, ~1300 more launches on a decode step of Llama-7B (224 LoRA layers);
 - packing row-wise with per-slot offsets stores exactly sum_i r_i rows and serves every rank in one launch pair; the
   only padding left is the kernel's block shape (rank rounded up to a power of two >= 16 in registers, masked), which
   costs tensor-core work on a memory-bound op, not bytes.
-(Bytes computed, not timed: no GPU was lent to this work; bench/bench_multi_adapter.py measures the kernels.)
 
-Staleness. The bank copies weights, so it checks, before each use, a cheap key of every adapter a call uses: the
-tensors' identity, storage address and autograd version counter (bumped by every in-place update: optimizer steps,
-`load_state_dict`, `copy_` under no_grad), shape, dtype, device, and the scaling. A changed key re-copies that
-adapter's rows; a changed adapter set (add/delete) or rank rebuilds the bank. Writes through `.data` bypass version
-counters: call `invalidate()` after those. The copy costs memory: the adapters of a layer are held twice once a
-mixed batch has run (half again in bf16 on a GPU).
+Never stale. An earlier bank kept the packed copy between calls and checked a key of each adapter (tensor identity,
+storage address, autograd version counter) before use. Writes through `.data` (`lora_A[a].weight.data.mul_(3)`, a
+pattern of HF PEFT's own code) bump no version counter, so that bank silently served the old weights; no check
+cheaper than reading the weights can catch them. So nothing is cached that a write can change: each call packs the
+weights it reads, and only metadata derived from names, ranks and scalings (slot spans, the slot of each adapter,
+the scaling vector) is cached. The price is one copy of the packed adapters per layer and call: eagerly only of the
+adapters the batch uses (one adapter: no copy at all), under torch.compile of all the layer's adapters (which ones a
+batch uses is data there), inside the graph, so a CUDA graph re-reads the live weights on every replay and
+hotswapped weights are served at once. `bench/bench_multi_adapter.py` times the packing beside the whole layer.
 
 Dtype. The triton kernels multiply in the activations' dtype on a GPU, so there `ops.multi_adapter_bank_dtype` asks
-for a bf16/fp16 bank: the same products from half the bytes (fp32 adapters for 32 tokens x 32 adapters of r16 at
-4096 x 4096 add 16 MiB to the 32 MiB bf16 base weight; bf16 copies add 8 MiB). Elsewhere the bank keeps the
-adapters' dtype, in which HF PEFT runs the LoRA branch.
+for a bf16/fp16 pack: the same products from half the bytes. Elsewhere the pack keeps the adapters' dtype, in which
+HF PEFT runs the LoRA branch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ...utils.mixed_batch import MixedBatch
 
-def _tensor_key(tensor: torch.Tensor | None) -> tuple:
-    if tensor is None:
-        return ()
-    return (id(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.device)
+# Metadata tensors kept per layer: a few adapter sets (a serving loop alternates between some) and no more, so that
+# churning through adapter sets never grows memory.
+_CACHE_ENTRIES = 8
+
+
+class PackedAdapters(NamedTuple):
+    """A layer's adapters in the multi-adapter op's format (see the module docstring)."""
+
+    lora_A: torch.Tensor
+    lora_B_t: torch.Tensor
+    lora_B_bias: torch.Tensor | None
+    scaling: torch.Tensor
+    slot_spans: torch.Tensor
+    r_max: int
 
 
 class LoraAdapterBank:
-    """Packed A/B/bias/scaling of every adapter of one LoRA Linear layer (see the module docstring)."""
+    """Packs the adapters of one LoRA Linear layer for a mixed-batch call (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.names: tuple[str, ...] = ()
-        self.slot_of: dict[str, int] = {}
-        self.lora_A: torch.Tensor | None = None
-        self.lora_B_t: torch.Tensor | None = None
-        self.lora_B_bias: torch.Tensor | None = None
-        self.scaling: torch.Tensor | None = None
-        self.slot_spans: torch.Tensor | None = None
-        self.r_max = 0
-        self.dtype: torch.dtype | None = None
-        self.rebuilds = 0
-        self._rows: list[tuple[int, int]] = []
-        self._has_bias: list[bool] = []
-        self._keys: dict[str, tuple] = {}
-        self._group_slot: tuple[Any, torch.Tensor] | None = None
+        self._cache: dict[Hashable, Any] = {}
 
-    def invalidate(self) -> None:
-        """Forget the packed weights; the next use rebuilds them (needed only after writes through `.data`)."""
-        self.names = ()
+    def _cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        # Traced code builds its constants in the graph; only eager calls fill the cache.
+        if torch.compiler.is_compiling():
+            return build()
+        value = self._cache.get(key)
+        if value is None:
+            if len(self._cache) >= _CACHE_ENTRIES:
+                del self._cache[next(iter(self._cache))]
+            value = self._cache[key] = build()
+        return value
 
     @staticmethod
-    def _weights(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        lora_B = layer.lora_B[name]
-        return layer.lora_A[name].weight, lora_B.weight, lora_B.bias
+    def slot_names(layer: nn.Module, batch: MixedBatch) -> tuple[str, ...]:
+        """The adapters of `layer` to pack for `batch`: eagerly those the batch uses, when traced all of them (which
+        adapters a batch uses is data in a compiled graph). aLoRA adapters are not packed: their rows get their term
+        masked to the tokens after the invocation (`ops.lora_add_masked`)."""
+        use_alora = getattr(layer, "use_alora", {})
+        traced = torch.compiler.is_compiling()
+        return tuple(name for name in layer.lora_A if (traced or name in batch.used) and not use_alora.get(name, False))
 
-    def _key(self, layer: nn.Module, name: str) -> tuple:
-        A, B, bias = self._weights(layer, name)
-        return (*_tensor_key(A), *_tensor_key(B), *_tensor_key(bias), layer.scaling[name])
+    def pack(
+        self, layer: nn.Module, names: tuple[str, ...], dtype: torch.dtype | None, device: torch.device
+    ) -> PackedAdapters:
+        """The live weights of adapters `names` of `layer`, packed in `dtype` (None: the adapters' common dtype)."""
+        weights_A = [layer.lora_A[name].weight for name in names]
+        modules_B = [layer.lora_B[name] for name in names]
+        ranks = tuple(A.shape[0] for A in weights_A)
+        if len(names) == 1 and (dtype is None or weights_A[0].dtype == dtype == modules_B[0].weight.dtype):
+            # One adapter is read in place: B.T is a strided view, which the op takes.
+            lora_A, lora_B_t = weights_A[0], modules_B[0].weight.T
+        else:
+            lora_A = torch.cat(weights_A)
+            lora_B_t = torch.cat([B.weight.T for B in modules_B])
+            dtype = dtype or torch.promote_types(lora_A.dtype, lora_B_t.dtype)
+            lora_A, lora_B_t = lora_A.to(dtype), lora_B_t.to(dtype)
+        biases = [B.bias for B in modules_B]
+        lora_B_bias = None
+        if any(bias is not None for bias in biases):
+            zeros = lora_B_t.new_zeros(lora_B_t.shape[1])
+            lora_B_bias = torch.stack([zeros if bias is None else bias.to(lora_B_t.dtype) for bias in biases])
+        scaling = self._scaling(layer, names, device)
+        slot_spans = self._cached(("spans", ranks, device), lambda: _slot_spans(ranks, device))
+        return PackedAdapters(lora_A, lora_B_t, lora_B_bias, scaling, slot_spans, max(ranks))
 
-    def refresh(self, layer: nn.Module, used: Iterable[str], dtype: torch.dtype | None = None) -> None:
-        """Bring the bank in step with `layer` for a call that uses the adapters `used` (all in `layer.lora_A`),
-        packed in `dtype` (None: the adapters' common dtype)."""
-        names = tuple(layer.lora_A)
-        if names != self.names or dtype != self.dtype:
-            self._rebuild(layer, names, dtype)
-            return
-        for name in used:
-            key = self._key(layer, name)
-            if key == self._keys[name]:
-                continue
-            A, B, bias = self._weights(layer, name)
-            slot = self.slot_of[name]
-            row, rank = self._rows[slot]
-            same_layout = A.shape[0] == rank and A.device == self.lora_A.device
-            if not same_layout or (bias is not None) != self._has_bias[slot]:
-                self._rebuild(layer, names, dtype)
-                return
-            with torch.no_grad():
-                self.lora_A[row : row + rank] = A
-                self.lora_B_t[row : row + rank] = B.T
-                if bias is not None:
-                    self.lora_B_bias[slot] = bias
-                self.scaling[slot] = layer.scaling[name]
-            self._keys[name] = key
+    def _scaling(self, layer: nn.Module, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        values = tuple(layer.scaling[name] for name in names)
+        if any(isinstance(value, torch.Tensor) for value in values):
+            # Tensor scalings (prepared for compiled hotswap) change in place: read them on every call.
+            return torch.stack([torch.as_tensor(value, dtype=torch.float32, device=device) for value in values])
+        return self._cached(("scaling", values, device), lambda: torch.tensor(values, device=device))
 
-    def _rebuild(self, layer: nn.Module, names: tuple[str, ...], requested: torch.dtype | None) -> None:
-        weights = [self._weights(layer, name) for name in names]
-        device = weights[0][0].device
-        # One dtype for the packed weights: the requested one, else the adapters' common one (fp32 under HF PEFT's
-        # autocast default).
-        dtype = weights[0][0].dtype
-        for A, B, _ in weights:
-            dtype = torch.promote_types(torch.promote_types(dtype, A.dtype), B.dtype)
-        dtype = requested or dtype
-        ranks = [A.shape[0] for A, _, _ in weights]
-        self._rows = []
-        row = 0
-        for rank in ranks:
-            self._rows.append((row, rank))
-            row += rank
-        with torch.no_grad():
-            self.lora_A = torch.cat([A.to(device, dtype) for A, _, _ in weights])
-            self.lora_B_t = torch.cat([B.to(device, dtype).T for _, B, _ in weights]).contiguous()
-            self._has_bias = [bias is not None for _, _, bias in weights]
-            if any(self._has_bias):
-                zeros = torch.zeros(weights[0][1].shape[0], device=device, dtype=dtype)
-                self.lora_B_bias = torch.stack(
-                    [zeros if bias is None else bias.to(device, dtype) for _, _, bias in weights]
-                )
-            else:
-                self.lora_B_bias = None
-        self.scaling = torch.tensor([layer.scaling[name] for name in names], dtype=torch.float32, device=device)
-        self.slot_spans = torch.tensor(self._rows, dtype=torch.int32, device=device).reshape(-1, 2)
-        self.r_max = max(ranks, default=0)
-        self.slot_of = {name: slot for slot, name in enumerate(names)}
-        self._keys = {name: self._key(layer, name) for name in names}
-        self._group_slot = None
-        self.names = names
-        self.dtype = requested
-        self.rebuilds += 1
+    def group_slot(self, names: tuple[str, ...], adapters: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """int32 [len(adapters)]: the slot (position in `names`) of each adapter of the call's index space, -1 where
+        this layer packs none."""
+        slot_of = {name: slot for slot, name in enumerate(names)}
 
-    def group_slot(
-        self, group_names: tuple[str, ...], device: torch.device, skip: tuple[str, ...] = ()
-    ) -> torch.Tensor:
-        """This layer's slot of each group of a call (-1: "__base__", an adapter this layer lacks, or one in `skip`),
-        int32.
+        def build() -> torch.Tensor:
+            return torch.tensor([slot_of.get(name, -1) for name in adapters], dtype=torch.int32, device=device)
 
-        Cached for the last group list: every decode step of a `generate` call asks for the same one.
-        """
-        key = (group_names, torch.device(device), self.rebuilds, skip)
-        if self._group_slot is None or self._group_slot[0] != key:
-            slots = [-1 if name in skip else self.slot_of.get(name, -1) for name in group_names]
-            self._group_slot = (key, torch.tensor(slots, dtype=torch.int32, device=device))
-        return self._group_slot[1]
+        return self._cached(("group_slot", names, adapters, device), build)
+
+
+def _slot_spans(ranks: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    spans, row = [], 0
+    for rank in ranks:
+        spans.append((row, rank))
+        row += rank
+    return torch.tensor(spans, dtype=torch.int32, device=device).reshape(-1, 2)

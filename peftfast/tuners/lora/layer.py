@@ -16,7 +16,7 @@ from torch import nn
 
 from ... import ops
 from ...utils.constants import UPCAST_DTYPES
-from ...utils.mixed_batch import AdapterRowGroups
+from ...utils.mixed_batch import AdapterRowGroups, MixedBatch, MixedBatchSource
 from ..tuners_utils import BaseTunerLayer
 from . import dora
 from . import init as lora_init
@@ -99,16 +99,6 @@ class LoraLayer(BaseTunerLayer):
         self.last_backend: str | None = None
         self.kwargs = kwargs
         self.in_features, self.out_features = _features(base_layer)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        bank = self.__dict__.get("_adapter_bank")
-        if bank is not None and adapter_name in bank.names:
-            # The packed bank of mixed batches holds a copy of the adapter's weights: repack it without them.
-            if self.lora_A:
-                bank.refresh(self, (), bank.dtype)
-            else:
-                del self.__dict__["_adapter_bank"]
 
     def dora_cache(self) -> dora.DoraCache:
         """The weight norms this layer's DoRA adapters reuse (created on first use, not saved)."""
@@ -250,16 +240,25 @@ class LoraLayer(BaseTunerLayer):
         holders = self.lora_A if self.lora_A else self.lora_embedding_A
         return [name for name in self.active_adapters if name in holders]
 
-    def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        adapter_names = kwargs.get("adapter_names")
+    # Set by `LoraModel` on the layers it manages: the mixed batch of the call in progress is read from there.
+    _mixed_batch_source: MixedBatchSource | None = None
+
+    def _take_mixed_batch(self, x: torch.Tensor, kwargs: dict[str, Any]) -> MixedBatch | list[str] | None:
+        """The call's per-row adapters (popped from `kwargs`, else from the model's mixed-batch source), checked
+        against the batch; None when the call is not a mixed batch."""
+        adapter_names = kwargs.pop("adapter_names", None) if kwargs else None
         if adapter_names is None:
-            return
-        if len(x) != len(adapter_names):
+            source = self._mixed_batch_source
+            adapter_names = None if source is None else source.batch
+            if adapter_names is None:
+                return None
+        if x.shape[0] != len(adapter_names):
             raise ValueError(
-                f"Got {len(adapter_names)} adapter_names for a batch of {len(x)} rows; pass one name per row."
+                f"Got {len(adapter_names)} adapter_names for a batch of {x.shape[0]} rows; pass one name per row."
             )
         if self.merged:
             raise ValueError("Mixed-adapter batches (adapter_names=...) can't run with merged adapters; unmerge first.")
+        return adapter_names
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -403,7 +402,7 @@ class LoraLayer(BaseTunerLayer):
             rates.append(getattr(dropout[name], "p", 0.0))
         return weights_A, weights_B, biases_B, scalings, rates
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Any, **kwargs: Any):
         """Each row of the batch runs with its own adapter ("__base__", or an adapter this layer lacks: none)."""
         result = self.base_layer(x, *args, **kwargs)
         groups = AdapterRowGroups.of(adapter_names)
@@ -413,6 +412,26 @@ class LoraLayer(BaseTunerLayer):
             rows = groups.rows(name, x.device)
             result[rows] = self._adapter_output(result[rows], x[rows], name).to(result.dtype)
         return result
+
+    def _forward_without_mixed_batch(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus the active adapters' terms (adapters off or merged: the base output)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for adapter in self._present_active_adapters():
+            result = self._adapter_output(result, x, adapter)
+        return result.to(result_dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = self._take_mixed_batch(x, kwargs)
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        return self._forward_without_mixed_batch(x, *args, **kwargs)
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         raise NotImplementedError
@@ -554,7 +573,7 @@ class Linear(nn.Module, LoraLayer):
         return result
 
     def adapter_bank(self) -> LoraAdapterBank:
-        """The packed weights of this layer's adapters for mixed-adapter batches (built on first use, not saved)."""
+        """What packs this layer's adapters for mixed-adapter batches (made on first use, not saved)."""
         bank = self.__dict__.get("_adapter_bank")
         if bank is None:
             bank = self.__dict__["_adapter_bank"] = LoraAdapterBank()
@@ -564,19 +583,20 @@ class Linear(nn.Module, LoraLayer):
         self,
         x: torch.Tensor,
         *args: Any,
-        adapter_names: list[str],
+        adapter_names: Any,
         alora_offsets: AloraOffsets | None = None,
         **kwargs: Any,
     ):
-        """Each row runs with its own adapter, all of them in one `ops.lora_multi_adapter` call over the packed bank
-        (SGMV kernels on the triton backend); the token layout comes from the call's `AdapterRowGroups`. The rows of
-        an aLoRA adapter get its term from `ops.lora_add_masked` instead, on the tokens their offsets select."""
+        """Each row runs with its own adapter, all of them in one `ops.lora_multi_adapter` call over the adapters
+        packed from their live weights (SGMV kernels on the triton backend). The rows' adapters and the token layout
+        are data (a `MixedBatch`), so a compiled graph serves every assignment of adapters to rows. The rows of an
+        aLoRA adapter get its term from `ops.lora_add_masked` instead, on the tokens their offsets select."""
         result = self.base_layer(x, *args, **kwargs)
-        groups = AdapterRowGroups.of(adapter_names)
-        used = [name for name in groups.groups if name in self.lora_A]
-        if not used or x.numel() == 0:
+        batch = MixedBatch.of(adapter_names, tuple(self.lora_A))
+        if x.numel() == 0:
             return result
-        activated = [name for name in used if self.use_alora.get(name)]
+        groups = batch.groups
+        activated = [name for name in groups.groups if name in self.lora_A and self.use_alora.get(name)]
         if activated:
             mask = token_mask_for(alora_offsets, result.shape[:-1], x.device)
             for name in activated:
@@ -585,42 +605,42 @@ class Linear(nn.Module, LoraLayer):
                     result[rows], x[rows], *self._lora_weights([name]), training=self.training, token_mask=mask[rows]
                 )
             self._record_backend("lora_add_masked")
-            if len(activated) == len(used):
-                return result
         bank = self.adapter_bank()
-        bank.refresh(self, used, ops.multi_adapter_bank_dtype(x))
+        names = bank.slot_names(self, batch)
+        if not names:
+            return result
+        packed = bank.pack(self, names, ops.multi_adapter_bank_dtype(x), x.device)
         x2d = x.reshape(-1, x.shape[-1])
         y2d = result.reshape(-1, result.shape[-1])
-        layout = groups.token_layout(x2d.shape[0] // len(groups), x.device)
+        layout = batch.layout(x2d.shape[0] // len(batch), x.device)
         y2d = ops.lora_multi_adapter(
             y2d,
             x2d,
-            bank.lora_A,
-            bank.lora_B_t,
-            bank.lora_B_bias,
-            bank.scaling,
-            bank.slot_spans,
-            bank.group_slot(groups.names, x.device, skip=tuple(activated)),
+            packed.lora_A,
+            packed.lora_B_t,
+            packed.lora_B_bias,
+            packed.scaling,
+            packed.slot_spans,
+            bank.group_slot(names, batch.adapters, x.device),
             layout.token_order,
             layout.tiles,
             layout.block_m,
-            bank.r_max,
+            packed.r_max,
         )
         self._record_backend("lora_multi_adapter")
         result = y2d.reshape(result.shape)
         # A DoRA adapter's rows now hold W x + b + s B A x: rescaling them by g = m / norm around b gives its output.
         bias = self.get_base_layer().bias
-        for name in used:
-            if name in self.lora_magnitude_vector:
+        for name in names:
+            if name in self.lora_magnitude_vector and name in groups.groups:
                 rows = groups.rows(name, x.device)
                 magnitude = self.lora_magnitude_vector[name].weight
                 result[rows] = ops.dora_scale(result[rows], None, magnitude, self._dora_weight_norm(name), bias)
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        alora_offsets = kwargs.pop("alora_offsets", None)
+        adapter_names = self._take_mixed_batch(x, kwargs)
+        alora_offsets = kwargs.pop("alora_offsets", None) if kwargs else None
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -823,22 +843,7 @@ class Embedding(nn.Module, LoraLayer):
             return ops.dora_scale(result, lora_out, magnitude, self._dora_weight_norm(adapter))
         return result + lora_out
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        result_dtype = result.dtype
-        for adapter in self._present_active_adapters():
-            result = self._adapter_output(result, x, adapter)
-        return result.to(result_dtype)
+    forward = LoraLayer.forward
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -987,22 +992,7 @@ class _ConvNd(nn.Module, LoraLayer):
         lora_out = lora_B(lora_A(x)) * self.scaling[adapter]
         return ops.dora_scale(result, lora_out, magnitude, norm, base.bias, channel_dim=1)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        result_dtype = result.dtype
-        for adapter in self._present_active_adapters():
-            result = self._adapter_output(result, x, adapter)
-        return result.to(result_dtype)
+    forward = LoraLayer.forward
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -1021,6 +1011,12 @@ class Conv3d(_ConvNd):
 
 
 _DORA_CONV_LAYERS = {3: dora.DoraConv1dLayer, 4: dora.DoraConv2dLayer, 5: dora.DoraConv3dLayer}
+
+
+def reads_mixed_batch_source(module: nn.Module) -> bool:
+    """Whether `module`'s forward takes a mixed batch from its `_mixed_batch_source` (a peftfast LoRA layer whose
+    forward is not overridden); other layers get theirs as the `adapter_names` keyword."""
+    return isinstance(module, LoraLayer) and type(module).forward in (LoraLayer.forward, Linear.forward)
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config: Any, **kwargs: Any) -> nn.Module | None:

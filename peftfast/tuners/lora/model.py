@@ -17,15 +17,15 @@ import torch
 from torch import nn
 
 from ...utils import merge_utils, weight_journal
-from ...utils.mixed_batch import AdapterRowGroups
+from ...utils.mixed_batch import MixedBatch, MixedBatchSource
 from ...utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, input_embeddings_name
 from ...utils.warning import PeftWarning
-from ..tuners_utils import BaseTuner, BaseTunerLayer, replicate_layers
+from ..tuners_utils import BaseTuner, BaseTunerLayer, named_modules_outside_adapters, replicate_layers
 from . import alora
 from . import init as lora_init
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 from .config import LoraConfig, changes_base_weights
-from .layer import Linear, LoraLayer, dispatch_custom, dispatch_default
+from .layer import Linear, LoraLayer, dispatch_custom, dispatch_default, reads_mixed_batch_source
 from .mha import MultiheadAttention, dispatch_multihead_attention
 from .moe_targets import convert_v4_moe_targets
 from .param_wrapper import ParamWrapper
@@ -41,6 +41,13 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
 
 def _has_alora_adapter(module: nn.Module) -> bool:
     return isinstance(module, Linear) and any(module.use_alora.get(name) for name in module.lora_A)
+
+
+def _first_adapter_weight(layer: LoraLayer) -> list[torch.Tensor]:
+    for holder in (layer.lora_A, layer.lora_embedding_A):
+        for item in holder.values():
+            return [item if isinstance(item, torch.Tensor) else item.weight]
+    return []
 
 
 def _check_variants(config: LoraConfig, target: nn.Module, key: str) -> None:
@@ -68,6 +75,17 @@ def _check_dora_supported(config: LoraConfig, adapter_name: str, layer: nn.Modul
             f"Target module {current_key!r} ({type(layer).__name__} over a {type(base).__name__}) does not support "
             "DoRA; set use_dora=False, or leave this module out of target_modules."
         )
+
+
+class _MixedBatchInstalled:
+    """Makes `batch` the call's mixed batch in `source` until `remove()` puts the previous one back."""
+
+    def __init__(self, source: MixedBatchSource, batch: MixedBatch) -> None:
+        self.source, self.previous = source, source.batch
+        source.batch = batch
+
+    def remove(self) -> None:
+        self.source.batch = self.previous
 
 
 def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -414,6 +432,12 @@ class LoraModel(BaseTuner):
                     if isinstance(module, LoraLayer) and getattr(module.get_base_layer(), "bias", None) is not None:
                         module.get_base_layer().bias.requires_grad_(True)
 
+    def _mixed_batch_source(self) -> MixedBatchSource:
+        source = self.__dict__.get("_mixed_batch_source_object")
+        if source is None:
+            source = self.__dict__["_mixed_batch_source_object"] = MixedBatchSource()
+        return source
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Hand `adapter_names` (one per batch row) to every LoRA layer and modules_to_save wrapper, and
@@ -451,7 +475,17 @@ class LoraModel(BaseTuner):
             offsets = offsets.repeat_rows(repeats)
         return alora.install_offsets(self.model, offsets, _has_alora_adapter)
 
+    def _mixed_batch_source(self) -> MixedBatchSource:
+        source = self.__dict__.get("_mixed_batch_source_object")
+        if source is None:
+            source = self.__dict__["_mixed_batch_source_object"] = MixedBatchSource()
+        return source
+
     def _install_adapter_names(self, adapter_names: Any, kwargs: dict[str, Any]) -> list[Any]:
+        """The names become a `MixedBatch` once, here, with the rows' adapter indices already on the layers' devices:
+        peftfast's LoRA layers read it from the model's mixed-batch source (no hook, and data rather than Python values
+        inside a compiled forward); other adapter layers and wrappers get the names as their `adapter_names` keyword
+        through a hook. Returns what to `remove()` after the call."""
         if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
             raise TypeError(f"adapter_names must be a list of adapter names, one per batch row; got {adapter_names!r}.")
         if self.training:
@@ -463,7 +497,13 @@ class LoraModel(BaseTuner):
                 f"Unknown adapter name(s) {unknown} in adapter_names; available: "
                 f"{list(self.peft_config)} and '__base__'."
             )
-        if any(isinstance(m, BaseTunerLayer) and m.merged for m in self.model.modules()):
+        readers, others = [], []
+        for _, module in named_modules_outside_adapters(self.model):
+            if reads_mixed_batch_source(module):
+                readers.append(module)
+            elif isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+                others.append(module)
+        if any(isinstance(module, BaseTunerLayer) and module.merged for module in readers + others):
             raise ValueError(
                 "Mixed-adapter batches (adapter_names=...) can't run with merged adapters; "
                 "call unmerge_adapter() first."
@@ -472,13 +512,16 @@ class LoraModel(BaseTuner):
         if isinstance(num_beams, int) and num_beams > 1:
             # Beam search repeats each input row num_beams times.
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        # The number of adapters the model holds bounds the kernels' grid (a shape, not the batch's adapter mix).
-        adapter_names = AdapterRowGroups(adapter_names, num_adapters=len(self.peft_config))
-        handles = []
-        for module in self.model.modules():
-            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
-                hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        devices = {weights[0].device for weights in map(_first_adapter_weight, readers) if weights}
+        batch = MixedBatch(adapter_names, adapters=tuple(self.peft_config), devices=devices)
+        source = self._mixed_batch_source()
+        for module in readers:
+            if module._mixed_batch_source is not source:
+                module._mixed_batch_source = source
+        handles: list[Any] = [_MixedBatchInstalled(source, batch)]
+        for module in others:
+            hook = partial(_adapter_names_pre_forward_hook, adapter_names=batch.groups)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return handles
 
     def alora_offsets_for_call(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
