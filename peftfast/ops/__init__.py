@@ -26,6 +26,13 @@ def last_backend(op: str) -> str | None:
     return _last_backend.get(op)
 
 
+def _record(op: str, backend: str) -> None:
+    # Not while torch.compile traces: a graph would guard on this dict's contents and recompile whenever an eager
+    # call elsewhere changes them.
+    if not torch.compiler.is_compiling():
+        _last_backend[op] = backend
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -43,7 +50,7 @@ def lora_linear(
     B_bias[i] [d_out] or None. Returns [..., d_out] in the dtype of `x @ W.T`.
     """
     backend, implementation = dispatch.resolve("lora_linear", x, weight, bias, lora_A, lora_B, lora_B_bias)
-    _last_backend["lora_linear"] = backend
+    _record("lora_linear", backend)
     return implementation(x, weight, bias, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
 
 
@@ -62,7 +69,7 @@ def lora_add(
     Shapes: result [..., d_out]; x [..., d_in]; adapters as in `lora_linear`. Returns result's dtype.
     """
     backend, implementation = dispatch.resolve("lora_add", result, x, lora_A, lora_B)
-    _last_backend["lora_add"] = backend
+    _record("lora_add", backend)
     return implementation(result, x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
 
 
@@ -127,7 +134,7 @@ def lora_multi_adapter(
     in token_order, at most block_m long, group -1 = idle; r_max = max_s r_s. See `peftfast.utils.mixed_batch`.
     """
     backend, implementation = dispatch.resolve("lora_multi_adapter", y, x, lora_A, lora_B_t, lora_B_bias, scaling)
-    _last_backend["lora_multi_adapter"] = backend
+    _record("lora_multi_adapter", backend)
     return implementation(
         y, x, lora_A, lora_B_t, lora_B_bias, scaling, slot_spans, group_slot, token_order, tiles, block_m, r_max
     )
@@ -166,12 +173,12 @@ def nf4_dequantize(weight: torch.Tensor, quant_state: object, dtype: torch.dtype
     quant_state a bitsandbytes `QuantState` with shape (N, K). Returns W [N, K] in `dtype` (default quant_state.dtype).
     """
     if _nf4.is_cpu_packed(quant_state):
-        _last_backend["nf4_dequantize"] = "bitsandbytes"
+        _record("nf4_dequantize", "bitsandbytes")
         dense = _nf4.dequantize_with_bitsandbytes(weight, quant_state)
         return dense.to(dtype) if dtype is not None else dense
     stored = _nf4.read_quant_state(weight, quant_state)
     backend, implementation = dispatch.resolve("nf4_dequantize", stored.packed, stored.absmax)
-    _last_backend["nf4_dequantize"] = backend
+    _record("nf4_dequantize", backend)
     return implementation(*stored, dtype=dtype or quant_state.dtype)
 
 
@@ -199,7 +206,7 @@ def lora_linear_4bit(
     backend, implementation = dispatch.resolve(
         "lora_linear_4bit", x, stored, bias, compute_dtype, lora_A, lora_B, lora_B_bias
     )
-    _last_backend["lora_linear_4bit"] = backend
+    _record("lora_linear_4bit", backend)
     return implementation(x, stored, bias, compute_dtype, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training)
 
 

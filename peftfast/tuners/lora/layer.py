@@ -131,8 +131,10 @@ class LoraLayer(BaseTunerLayer):
         return self.dora_cache().weight_norm(self, adapter)
 
     def _record_backend(self, op: str) -> None:
-        # Plain attribute write: nn.Module.__setattr__ costs microseconds on every forward.
-        self.__dict__["last_backend"] = ops.last_backend(op)
+        # Plain attribute write: nn.Module.__setattr__ costs microseconds on every forward. Not while torch.compile
+        # traces: `ops.last_backend` isn't recorded there (see `ops._record`).
+        if not torch.compiler.is_compiling():
+            self.__dict__["last_backend"] = ops.last_backend(op)
 
     def _check_rank(self, r: int) -> None:
         if not isinstance(r, int) or r <= 0:

@@ -1,0 +1,235 @@
+"""torch.compile: every forward compiles into one graph, compiled outputs equal eager ones, and a mixed-adapter decode
+step compiles once for every assignment of adapters to rows.
+
+Each case compiles with `fullgraph=True` (an error on any graph break) and HF's `aot_eager` backend (AOTAutograd's
+joint forward/backward tracing and functionalization, with eager kernels: the checks of inductor without its compile
+time), counts the graphs and dynamo's recorded graph breaks, and compares outputs (and gradients in training) with the
+same call run eagerly. The model is a one-layer Llama with LoRA on two of its projections: every code path of a
+layer runs, and tracing stays quick.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from models import quantize_to_4bit, tiny_llama
+from tolerances import assert_close
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+import peftfast
+from peftfast import LoraConfig, ops
+
+NAMES = ["a", "__base__", "b", "a"]
+# One projection of attention and one of the MLP: every kind of LoRA layer call, and little to trace.
+TARGETS = ["v_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _llama(**overrides):
+    return tiny_llama(num_hidden_layers=1, **overrides)
+
+
+def _lora_model(base=None, dropout_b: float = 0.0):
+    """Adapters "a" (r=4, no dropout) and "b" (r=6, dropout `dropout_b`, a lora_B bias) on TARGETS."""
+    config_a = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    config_b = LoraConfig(
+        r=6, lora_alpha=3, lora_dropout=dropout_b, target_modules=TARGETS, init_lora_weights=False, lora_bias=True
+    )
+    model = peftfast.get_peft_model(base if base is not None else _llama(), config_a, adapter_name="a")
+    model.add_adapter("b", config_b)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.b" in name and name.endswith(".bias"):
+                param.normal_()
+    return model
+
+
+def _ids(batch: int = len(NAMES), length: int = 5):
+    return torch.randint(1, 101, (batch, length), generator=torch.Generator().manual_seed(2))
+
+
+def _compiled(fn):
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, backend=counter, fullgraph=True), counter
+
+
+def _assert_one_graph(counter) -> None:
+    assert counter.frame_count == 1
+    assert dict(counters["graph_break"]) == {}
+
+
+def _check_eval(model, **kwargs):
+    """The forward compiled whole equals the eager forward."""
+    model.eval()
+
+    def forward(input_ids):
+        return model(input_ids=input_ids, **kwargs).logits
+
+    compiled, counter = _compiled(forward)
+    with torch.no_grad():
+        expected = forward(_ids())
+        got = compiled(_ids())
+    _assert_one_graph(counter)
+    assert_close(got, expected)
+
+
+def _check_training(model, **kwargs):
+    """A compiled training step gives the eager loss and adapter gradients (the same dropout masks, from the same
+    seed)."""
+    model.train()
+    params = [param for param in model.parameters() if param.requires_grad]
+    assert params
+
+    def step(input_ids):
+        return model(input_ids=input_ids, labels=input_ids, **kwargs).loss
+
+    def loss_and_grads(fn):
+        for param in params:
+            param.grad = None
+        torch.manual_seed(11)
+        loss = fn(_ids())
+        loss.backward()
+        return loss.detach(), [param.grad.clone() for param in params]
+
+    compiled, counter = _compiled(step)
+    expected_loss, expected_grads = loss_and_grads(step)
+    loss, grads = loss_and_grads(compiled)
+    _assert_one_graph(counter)
+    assert_close(loss, expected_loss, kind="kernel")
+    for got, expected in zip(grads, expected_grads):
+        assert_close(got, expected, kind="kernel")
+
+
+def test_training_with_several_active_adapters_with_and_without_dropout():
+    model = _lora_model(dropout_b=0.25)
+    model.set_adapter(["a", "b"])
+    _check_training(model)
+
+
+def test_eval_one_adapter_and_adapters_disabled():
+    model = _lora_model()
+    model.set_adapter("b")
+    _check_eval(model)
+    torch._dynamo.reset()
+    with model.disable_adapter():
+        _check_eval(model)
+
+
+def test_mixed_adapter_eval():
+    _check_eval(_lora_model(), adapter_names=NAMES)
+
+
+def test_qlora_training_and_mixed_batch():
+    model = _lora_model(base=quantize_to_4bit(_llama()))
+    model.set_adapter("a")
+    _check_training(model)
+    torch._dynamo.reset()
+    _check_eval(model, adapter_names=NAMES)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        peftfast.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        peftfast.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        peftfast.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8),
+    ],
+    ids=["prompt_tuning", "prefix_tuning", "p_tuning"],
+)
+def test_prompt_learning_training(config):
+    _check_training(peftfast.get_peft_model(_llama(), config))
+
+
+@pytest.mark.cpu_kernels
+def test_triton_backend_training_and_mixed_batch():
+    """The kernels' custom ops (fused LoRA forward/backward, SGMV) trace as single nodes. Dropout > 0 on this
+    backend takes its seed from the host (`Tensor.item()`), a graph break until the seed enters as a tensor."""
+    model = _lora_model()
+    model.set_adapter("a")
+    with ops.use_backend("triton"):
+        _check_training(model)
+        torch._dynamo.reset()
+        _check_eval(model, adapter_names=NAMES)
+
+
+# A decode step: the model's forward compiled by `generate` itself (transformers compiles the decode steps of a
+# static-cache generate with `compile_config`; the prefill runs eagerly), counted by a named backend because
+# transformers deep-copies the compile config.
+_COMPILES = []
+
+
+@torch._dynamo.register_backend(name="peftfast_test_counting")
+def _counting_backend(gm, example_inputs, **options):
+    # `options`: what transformers passes on from the CompileConfig (mode, options), meaningless here.
+    _COMPILES.append(gm)
+    return gm.forward
+
+
+def _generate(model, names, **kwargs):
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    compile_config = kwargs.pop("compile_config", None)
+    if compile_config is not None:
+        settings["compile_config"] = compile_config
+    else:
+        settings["disable_compile"] = True
+    with torch.no_grad():
+        return model.generate(input_ids=_ids(len(names)), adapter_names=names, **settings, **kwargs)
+
+
+def _decode_compile_config(**overrides):
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, backend="peftfast_test_counting", **overrides)
+    config._compile_all_devices = True
+    return config
+
+
+def test_compiled_decode_step_never_recompiles_across_steps_and_adapter_assignments():
+    model = _lora_model().eval()
+    _COMPILES.clear()
+    assignments = [NAMES, ["b", "b", "a", "__base__"], ["__base__"] * 4, ["a"] * 4]
+    for step, names in enumerate(assignments):
+        expected = _generate(model, names)
+        got = _generate(model, names, compile_config=_decode_compile_config())
+        assert torch.equal(got, expected), names
+        # One compile, on the first decode step of the first call; every later step and assignment reuses it.
+        assert len(_COMPILES) == 1, (step, names)
+    assert dict(counters["graph_break"]) == {}
+    # Adapters change what is generated, so the comparisons can fail.
+    assert not torch.equal(_generate(model, ["a"] * 4), _generate(model, ["__base__"] * 4))
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_decode_on_gpu_matches_eager():
+    """CUDA graphs (mode="reduce-overhead"): the decode step of a mixed-adapter static-cache generate, captured once,
+    gives eager's tokens for several assignments of adapters to rows; the row tensor and token layout are inputs and
+    in-graph data, and the adapters are packed inside the graph, so a replay reads the live weights."""
+    from transformers import CompileConfig
+
+    model = _lora_model(base=_llama().cuda()).cuda().eval()
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+    for names in (NAMES, ["b", "a", "a", "b"], ["__base__", "b", "__base__", "a"]):
+        ids = _ids(len(names)).cuda()
+        settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+        with torch.no_grad():
+            expected = model.generate(input_ids=ids, adapter_names=names, disable_compile=True, **settings)
+            got = model.generate(input_ids=ids, adapter_names=names, compile_config=config, **settings)
+        assert torch.equal(got, expected), names
+    with torch.no_grad():
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        layer.lora_B["a"].weight.mul_(4.0)
+        names = ["a"] * 4
+        ids = _ids(4).cuda()
+        settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+        expected = model.generate(input_ids=ids, adapter_names=names, disable_compile=True, **settings)
+        got = model.generate(input_ids=ids, adapter_names=names, compile_config=config, **settings)
+    assert torch.equal(got, expected)
