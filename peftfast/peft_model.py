@@ -37,7 +37,12 @@ from .utils.constants import (
 )
 from .utils.hub import PushToHubMixin, split_hub_kwargs
 from .utils.names import adapter_name_list, check_adapter_name
-from .utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, set_trainable_modules
+from .utils.other import (
+    AuxiliaryTrainingWrapper,
+    ModulesToSaveWrapper,
+    named_modules_outside_adapters,
+    set_trainable_modules,
+)
 from .utils.peft_types import TaskType
 from .utils.rollback import ModuleTreeRollback
 from .utils.save_and_load import (
@@ -705,21 +710,16 @@ class PeftModel(PushToHubMixin, nn.Module):
         if cls is PeftModel and task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task_type]
         weights = load_peft_weights(model_id, **hub_kwargs)
-        rollback = ModuleTreeRollback(model)
         # Initialisations such as PiSSA change base weight values when the adapter is added: undone on failure too.
-        with weight_journal.reversible():
-            try:
-                peft_model = cls(
-                    model,
-                    config,
-                    adapter_name,
-                    autocast_adapter_dtype=autocast_adapter_dtype,
-                    low_cpu_mem_usage=low_cpu_mem_usage,
-                )
-                peft_model._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
-            except Exception:
-                rollback.restore()
-                raise
+        with weight_journal.reversible(), ModuleTreeRollback.guarding(model):
+            peft_model = cls(
+                model,
+                config,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
+            peft_model._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
         # Weights assigned from the file (low_cpu_mem_usage) carry the file's dtype: apply the dtype policy again.
         peft_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         return peft_model
@@ -747,10 +747,22 @@ class PeftModel(PushToHubMixin, nn.Module):
         if not is_trainable:
             # An adapter's weights are the entries under its name in the per-adapter dicts of its layers, wrappers
             # and prompt encoders; found by structure, because a module may share the adapter's name ("lin0").
-            for module in self.modules():
-                if isinstance(module, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in module:
-                    module[adapter_name].requires_grad_(False)
-            self.eval()
+            walked = [module for _, module in named_modules_outside_adapters(self)]
+            entries = [
+                module[adapter_name]
+                for module in walked
+                if isinstance(module, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in module
+            ]
+            for entry in entries:
+                entry.requires_grad_(False)
+            if any(module.training for module in walked):
+                self.eval()
+            else:
+                # Everything else is in eval mode already: only the new adapter's modules are not (as HF PEFT, the
+                # model ends up in eval mode, at a cost that doesn't grow with the adapters loaded).
+                for entry in entries:
+                    if isinstance(entry, nn.Module):
+                        entry.eval()
         return result
 
     def load_adapter(
@@ -779,16 +791,11 @@ class PeftModel(PushToHubMixin, nn.Module):
         config.inference_mode = not is_trainable
         weights = load_peft_weights(model_id, device=torch_device, **hub_kwargs)
         _warn_if_base_weights_change(config, self.peft_config)
-        rollback = ModuleTreeRollback(self)
-        # Initialisations such as PiSSA change base weight values when the adapter is added: undone on failure too.
-        with weight_journal.reversible():
-            try:
-                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-                result = self._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
-            except Exception:
-                # No trace of the new adapter is left, not even layers that only it had wrapped.
-                rollback.restore()
-                raise
+        # On a failure no trace of the new adapter is left, not even layers that only it had wrapped; initialisations
+        # such as PiSSA change base weight values when the adapter is added: undone too.
+        with weight_journal.reversible(), ModuleTreeRollback.guarding(self):
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+            result = self._load_weights(weights, adapter_name, is_trainable, low_cpu_mem_usage, model_id)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         # The new adapter stays inactive; like HF PEFT, it only trains if asked to.
         if is_trainable:
@@ -803,7 +810,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         if self._is_prompt_learning:
             for name in names:
                 self.prompt_encoder[name].requires_grad_(requires_grad)
-        for module in self.modules():
+        for _, module in named_modules_outside_adapters(self):
             if isinstance(module, BaseTunerLayer):
                 for holder in module._adapter_holders():
                     for name in names:

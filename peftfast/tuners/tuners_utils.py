@@ -6,7 +6,7 @@ import collections
 import copy
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,6 +33,7 @@ from ..utils.other import (
     input_embeddings_name,
     module_names_tied_with_embedding,
     modules_outside_wrappers,
+    named_modules_outside_adapters,
     set_additional_trainable_modules,
     trainable_token_targets,
     weights_are_tied,
@@ -78,40 +79,64 @@ def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None
     return int(match.group("idx")) if match else None
 
 
+def _ends_with_entry(key: str, entries: set[str] | frozenset[str]) -> bool:
+    """Whether `key` ends in "." + one of `entries`: some part of it after a dot is an entry (one set lookup per
+    dot, instead of one `endswith` per entry: all-linear on a 64-layer model lists 448 entries)."""
+    dot = key.find(".")
+    while dot != -1:
+        if key[dot + 1 :] in entries:
+            return True
+        dot = key.find(".", dot + 1)
+    return False
+
+
+class _TargetMatcher:
+    """`check_target_module_exists` for one config and many keys: the name lists are made sets once."""
+
+    def __init__(self, config: PeftConfig) -> None:
+        self.config = config
+        exclude = getattr(config, "exclude_modules", None)
+        self.exclude = exclude if isinstance(exclude, str) or not exclude else frozenset(exclude)
+        modules_to_save = getattr(config, "modules_to_save", None) or ()
+        self.modules_to_save = [re.compile(rf"(^|.*\.){re.escape(name)}($|\..*)") for name in modules_to_save]
+        targets = config.target_modules
+        self.targets = targets if isinstance(targets, str) else frozenset(targets)
+
+    def __call__(self, key: str) -> bool | _ExcludedModule:
+        config, exclude = self.config, self.exclude
+        if exclude:
+            if isinstance(exclude, str):
+                if re.fullmatch(exclude, key):
+                    return _ExcludedModule()
+            elif key in exclude or _ends_with_entry(key, exclude):
+                return _ExcludedModule()
+        if any(pattern.match(key) for pattern in self.modules_to_save):
+            return _ExcludedModule()
+        targets = self.targets
+        if isinstance(targets, str):
+            return match_target_against_key(targets, key)
+        if key in targets:
+            return True
+        found = _ends_with_entry(key, targets)
+        layer_indexes = getattr(config, "layers_to_transform", None)
+        uses_layer_indexes = layer_indexes is not None and (
+            not isinstance(layer_indexes, list) or len(layer_indexes) > 0
+        )
+        if found and uses_layer_indexes:
+            index = _layer_index(key, getattr(config, "layers_pattern", None))
+            if index is None:
+                return False
+            return index == layer_indexes if isinstance(layer_indexes, int) else index in layer_indexes
+        return found
+
+
 def check_target_module_exists(config: PeftConfig, key: str) -> bool | _ExcludedModule:
     """Whether the module named `key` is a target of `config`, with HF PEFT's matching rules.
 
     A string `target_modules` is a regex that must match the whole name; a collection matches a name equal to an
     entry or ending in "." + entry, optionally limited to `layers_to_transform`.
     """
-    exclude = getattr(config, "exclude_modules", None)
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
-                return _ExcludedModule()
-        elif key in exclude or any(key.endswith(f".{name}") for name in exclude):
-            return _ExcludedModule()
-    modules_to_save = getattr(config, "modules_to_save", None)
-    if modules_to_save and any(re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", key) for name in modules_to_save):
-        return _ExcludedModule()
-
-    targets = config.target_modules
-    if targets is None:
-        # Only `target_parameters` (HF PEFT lets target_modules stay None then).
-        return False
-    if isinstance(targets, str):
-        return match_target_against_key(targets, key)
-    if key in targets:
-        return True
-    found = any(key.endswith(f".{name}") for name in targets)
-    layer_indexes = getattr(config, "layers_to_transform", None)
-    uses_layer_indexes = layer_indexes is not None and (not isinstance(layer_indexes, list) or len(layer_indexes) > 0)
-    if found and uses_layer_indexes:
-        index = _layer_index(key, getattr(config, "layers_pattern", None))
-        if index is None:
-            return False
-        return index == layer_indexes if isinstance(layer_indexes, int) else index in layer_indexes
-    return found
+    return _TargetMatcher(config)(key)
 
 
 def _check_layers_to_transform(config: PeftConfig, keys: list[str], matched: list[str]) -> None:
@@ -151,10 +176,12 @@ def _check_layers_to_transform(config: PeftConfig, keys: list[str], matched: lis
 def _warn_unmatched_patterns(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
     """Warn about `rank_pattern` / `alpha_pattern` keys that match no module carrying the adapter (as HF PEFT does;
     the same `(.*\\.)?(KEY)$` matching that picks a module's rank)."""
+    if not (getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None)):
+        return
     # A layer on a parameter (target_parameters) is matched by the parameter's key, "<module>.<parameter>".
     targeted = [
         f"{_without_base_layers(name)}.{module.parameter_name}" if hasattr(module, "parameter_name") else name
-        for name, module in model.named_modules()
+        for name, module in named_modules_outside_adapters(model)
         if isinstance(module, BaseTunerLayer) and adapter_name in module._get_available_adapters()
     ]
     for field_name in ("rank_pattern", "alpha_pattern"):
@@ -382,30 +409,6 @@ class BaseTunerLayer:
         return None
 
 
-def named_modules_outside_adapters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """`model.named_modules()` (same order, each module once) without walking into what belongs to one adapter: the
-    entries of an adapter layer's per-adapter containers (`lora_A`, `lora_dropout`, ...: the attributes its class
-    names in `adapter_layer_names` / `other_param_names`) and a modules_to_save wrapper's copies. The containers
-    themselves are yielded. The cost does not grow with the number of adapters loaded, which is what keeps adding
-    the N-th adapter as cheap as adding the first."""
-    seen: set[int] = set()
-
-    def walk(module: nn.Module, name: str, walk_children: bool) -> Iterator[tuple[str, nn.Module]]:
-        if id(module) in seen:
-            return
-        seen.add(id(module))
-        yield name, module
-        if not walk_children:
-            return
-        cls = type(module)
-        owned = (*getattr(cls, "adapter_layer_names", ()), *getattr(cls, "other_param_names", ()))
-        for child_name, child in module._modules.items():
-            if child is not None:
-                yield from walk(child, f"{name}.{child_name}" if name else child_name, child_name not in owned)
-
-    yield from walk(model, prefix, True)
-
-
 class BasePromptEncoder(nn.Module):
     """Base of the prompt-learning encoders (`PromptEmbedding`, `PrefixEncoder`, `PromptEncoder`).
 
@@ -476,7 +479,7 @@ class BaseTuner(nn.Module):
                 else:
                     self.peft_config[adapter_name] = peft_config
             self.active_adapter: str | list[str] = adapter_name
-            self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            self._first_injection(adapter_name, low_cpu_mem_usage)
         except Exception:
             rollback.restore()
             raise
@@ -542,19 +545,23 @@ class BaseTuner(nn.Module):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """Freeze everything but adapter weights and what auxiliary wrappers train (found by structure, not by name;
         their requires_grad is left to set_adapter)."""
+        # Every parameter outside adapters' entries belongs to a module of the walk (a ParameterDict holder's own
+        # parameters are adapter weights, hence the id set).
+        walked = [module for _, module in named_modules_outside_adapters(model)]
         adapter_params: set[int] = set()
-        for module in model.modules():
+        for module in walked:
             if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
                 for holder in module._adapter_holders():
                     adapter_params.update(id(param) for param in holder.parameters())
-        for param in model.parameters():
-            if id(param) not in adapter_params:
-                param.requires_grad_(False)
+        for module in walked:
+            for param in module._parameters.values():
+                if param is not None and id(param) not in adapter_params:
+                    param.requires_grad_(False)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Put `adapter_name`'s weights on their base layers' devices and dtypes, except that with
         `autocast_adapter_dtype` the weights of an fp16/bf16 layer are kept in fp32 (HF PEFT's rule)."""
-        for module in self.model.modules():
+        for _, module in named_modules_outside_adapters(self.model):
             if isinstance(module, BaseTunerLayer) and hasattr(module, "_move_adapter_to_base"):
                 module._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
 
@@ -702,6 +709,21 @@ class BaseTuner(nn.Module):
             raise
         _warn_unmatched_patterns(model, self.peft_config[adapter_name], adapter_name)
 
+    def _first_injection(self, adapter_name: str, low_cpu_mem_usage: bool) -> None:
+        # `inject_adapter` for `__init__`, which records the model for rollback itself (the tuner being built needs
+        # none): one record of a large model instead of two.
+        if type(self).inject_adapter is not BaseTuner.inject_adapter:
+            self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            return
+        undo: list[Callable[[], None]] = []
+        try:
+            self._inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, undo=undo)
+        except Exception:
+            for step in undo:
+                step()
+            raise
+        _warn_unmatched_patterns(self.model, self.peft_config[adapter_name], adapter_name)
+
     def _inject_adapter(
         self, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool, undo: list[Callable[[], None]]
     ) -> None:
@@ -711,15 +733,18 @@ class BaseTuner(nn.Module):
         config = self._prepare_adapter_config(config, model)
         self._check_trainable_token_indices(model, config)
         undo.append(self._prepare_model(config, model))
-        key_list = [key for key, _ in modules_outside_wrappers(model)]
+        # The walk skips other adapters' entries, so injecting the N-th adapter costs what injecting the first does.
+        walked = modules_outside_wrappers(model)
+        key_list = [key for key, _ in walked]
         matched: list[str] = []
         excluded: list[str] = []
         tied: list[str] = []
         replacements = []
+        matches = _TargetMatcher(config)
         for key in key_list:
             if not key:
                 continue
-            result = check_target_module_exists(config, key)
+            result = matches(key)
             if self._check_tied_module_exists(config, key):
                 # An output layer tied to the input embeddings: adapted after them, tied to their adapter.
                 tied.append(key)
@@ -757,10 +782,19 @@ class BaseTuner(nn.Module):
         for key in matched:
             parent, target, target_name = get_submodules(model, key)
             replacements.append((key, parent, target, target_name))
+        tuner_layers = [module for _, module in walked if isinstance(module, BaseTunerLayer)]
         # As HF PEFT: adding an adapter next to others leaves the trainability of every parameter already there as it
-        # was; only the first injection freezes the base model.
-        has_adapters = any(isinstance(module, BaseTunerLayer) for module in model.modules())
-        previous_requires_grad = [(param, param.requires_grad) for param in model.parameters()] if has_adapters else []
+        # was (other adapters' weights are not touched at all); only the first injection freezes the base model.
+        previous_requires_grad = []
+        if tuner_layers:
+            # Parameters outside adapters' entries, read directly (module.parameters() costs microseconds per call),
+            # and what auxiliary wrappers hold (their set_adapter touches every copy).
+            params = {}
+            for _, module in named_modules_outside_adapters(model):
+                params.update((id(p), p) for p in module._parameters.values() if p is not None)
+                if isinstance(module, AuxiliaryTrainingWrapper):
+                    params.update((id(p), p) for p in module.parameters())
+            previous_requires_grad = [(param, param.requires_grad) for param in params.values()]
         with init_empty_weights() if low_cpu_mem_usage else nullcontext():
             for key, parent, target, target_name in replacements:
                 self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
@@ -774,19 +808,42 @@ class BaseTuner(nn.Module):
         self.targeted_parameter_names.extend(
             key for _, _, key in parameters if key not in self.targeted_parameter_names
         )
-        # A layer created for this adapter starts with it active: make every layer follow the tuner's active adapters
-        # (a new adapter is inactive unless it is the first one) and freeze whatever is not active.
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-        self._mark_only_adapters_as_trainable(model)
+        if not tuner_layers or parameters or any(module.merged for module in tuner_layers):
+            # A layer created for this adapter starts with it active: make every layer follow the tuner's active
+            # adapters (a new adapter is inactive unless it is the first one; merged layers get unmerged, as in HF
+            # PEFT) and freeze whatever is not active.
+            self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+            self._mark_only_adapters_as_trainable(model)
+        else:
+            self._activate_injected(replacements, model, adapter_name, config.inference_mode)
         set_additional_trainable_modules(
             model, config, adapter_name, activate_adapter=adapter_name in self.active_adapters
         )
         for param, requires_grad in previous_requires_grad:
             param.requires_grad_(requires_grad)
 
+    def _activate_injected(self, replacements: list, model: nn.Module, adapter_name: str, inference_mode: bool) -> None:
+        """What `set_adapter(self.active_adapters)` does after an injection, done only where the injection changed
+        something: layers created for the new adapter follow the tuner's active adapters, and the new adapter's
+        weights train if it is active (and not `inference_mode`)."""
+        active = self.active_adapters
+        trainable = adapter_name in active and not inference_mode
+        for key, _, target, _ in replacements:
+            layer = model.get_submodule(key)
+            if not isinstance(layer, BaseTunerLayer):
+                continue
+            if layer is not target:
+                layer.set_adapter(active, inference_mode=inference_mode)
+                continue
+            for holder in layer._adapter_holders():
+                if adapter_name in holder:
+                    holder[adapter_name].requires_grad_(trainable)
+
     def _tuner_layers(self) -> Iterable[BaseTunerLayer]:
         """Every adapter layer, those inside auxiliary wrappers too (they merge like the others)."""
-        return (module for module in self.model.modules() if isinstance(module, BaseTunerLayer))
+        return (
+            module for _, module in named_modules_outside_adapters(self.model) if isinstance(module, BaseTunerLayer)
+        )
 
     def _adapter_modules(self) -> list[BaseTunerLayer | AuxiliaryTrainingWrapper]:
         """The adapter layers and auxiliary wrappers whose adapters the tuner manages; a layer inside a wrapper is the

@@ -48,7 +48,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 def _lora_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    from ..tuners.tuners_utils import named_modules_outside_adapters
+    from .other import named_modules_outside_adapters
 
     lora_layer, _, _ = _lora_layer_classes()
     return ((name, module) for name, module in named_modules_outside_adapters(model) if isinstance(module, lora_layer))

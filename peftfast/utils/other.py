@@ -29,6 +29,34 @@ def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, st
 _get_submodules = get_submodules
 
 
+def named_modules_outside_adapters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`model.named_modules()` (same order, each module once) without walking into what belongs to one adapter: the
+    entries of an adapter layer's per-adapter containers (`lora_A`, `lora_dropout`, ...: the attributes its class
+    names in `adapter_layer_names` / `other_param_names`) and a modules_to_save wrapper's copies. The containers
+    themselves are yielded. The cost does not grow with the number of adapters loaded, which keeps adding the N-th
+    adapter as cheap as adding the first."""
+    seen: set[int] = set()
+    # Pre-order with an explicit stack (children pushed in reverse): the order of named_modules, without a chain of
+    # generators as deep as the model.
+    stack: list[tuple[str, nn.Module, bool]] = [(prefix, model, True)]
+    while stack:
+        name, module, walk_children = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if not walk_children:
+            continue
+        cls = type(module)
+        owned = (*getattr(cls, "adapter_layer_names", ()), *getattr(cls, "other_param_names", ()))
+        children = [
+            (f"{name}.{child_name}" if name else child_name, child, child_name not in owned)
+            for child_name, child in module._modules.items()
+            if child is not None
+        ]
+        stack.extend(reversed(children))
+
+
 def infer_device() -> str:
     """The device type to put work on, in HF PEFT's order of preference: "cuda", "mps", "mlu", "xpu", "npu", else
     "cpu"."""
@@ -129,14 +157,21 @@ def _is_strictly_inside(key: str, prefixes: set[str]) -> bool:
 
 def auxiliary_wrapper_names(model: nn.Module) -> set[str]:
     """Names of the `AuxiliaryTrainingWrapper`s in `model`."""
-    return {name for name, module in model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)}
+    return {
+        name for name, module in named_modules_outside_adapters(model) if isinstance(module, AuxiliaryTrainingWrapper)
+    }
 
 
 def modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """`model.named_modules()` without the modules inside an `AuxiliaryTrainingWrapper` (its original module, its
-    per-adapter copies or token layer): what adapter matching and management see."""
+    per-adapter copies or token layer) or inside the adapters' entries of adapter layers (see
+    `named_modules_outside_adapters`): what adapter matching and management see."""
     wrappers = auxiliary_wrapper_names(model)
-    return [(name, module) for name, module in model.named_modules() if not _is_strictly_inside(name, wrappers)]
+    return [
+        (name, module)
+        for name, module in named_modules_outside_adapters(model)
+        if not _is_strictly_inside(name, wrappers)
+    ]
 
 
 class AuxiliaryTrainingWrapper(nn.Module):

@@ -6,30 +6,66 @@ the per-adapter dicts and lists of adapter layers, config dicts, flags) as shall
 are put back, attributes added since are removed, and every container that was there is refilled in place (objects
 that hold a reference to it keep seeing the right one). Tensor values are not recorded: an operation validates its
 inputs before it writes into existing tensors.
+
+`with ModuleTreeRollback.guarding(*models):` restores them if the block raises; records made inside the block for the
+same trees (an operation calling another that records for itself) are skipped, since the outer one restores it all.
+
+The modules inside the adapters' entries of adapter layers (`lora_A[name]`'s Linear, ...) are not walked: the
+operations recorded add or replace whole entries (which the containers' copies restore) and leave the insides of the
+other adapters' entries alone, and skipping them keeps the record's cost flat in the number of adapters.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
+from .other import named_modules_outside_adapters
+
 # Containers whose contents are copied (and restored in place), rather than only the reference to them.
 _CONTAINERS = (dict, list, set)
+# Per thread: ids of the modules that an enclosing `guarding` block has recorded.
+_guarded = threading.local()
 
 
 class ModuleTreeRollback:
     """A record of the state of `models` and every module below them; `restore()` returns them to it."""
 
     def __init__(self, *models: nn.Module) -> None:
-        modules = list({id(module): module for model in models for module in model.modules()}.values())
         self._modules: list[tuple[nn.Module, dict[str, Any], dict[int, Any]]] = []
+        self._requires_grad: list = []
+        guarded = getattr(_guarded, "ids", None)
+        if guarded is not None and all(id(model) in guarded for model in models):
+            # An enclosing `guarding` block restores these trees (a superset of what this record would restore).
+            return
+        walked = (module for model in models for _, module in named_modules_outside_adapters(model))
+        modules = list({id(module): module for module in walked}.values())
         for module in modules:
             attributes = dict(vars(module))
             contents = {id(value): value.copy() for value in attributes.values() if isinstance(value, _CONTAINERS)}
             self._modules.append((module, attributes, contents))
-        params = {id(param): param for module in modules for param in module.parameters(recurse=False)}
+        # A module's own parameters, read directly (module.parameters() costs microseconds per call).
+        params = {id(p): p for module in modules for p in module._parameters.values() if p is not None}
         self._requires_grad = [(param, param.requires_grad) for param in params.values()]
+
+    @classmethod
+    @contextmanager
+    def guarding(cls, *models: nn.Module) -> Iterator[ModuleTreeRollback]:
+        """Record `models`; if the block raises an Exception, restore them and re-raise."""
+        rollback = cls(*models)
+        previous = getattr(_guarded, "ids", None)
+        _guarded.ids = (previous or set()) | {id(module) for module, _, _ in rollback._modules}
+        try:
+            yield rollback
+        except Exception:
+            rollback.restore()
+            raise
+        finally:
+            _guarded.ids = previous
 
     def restore(self) -> None:
         for module, attributes, contents in self._modules:

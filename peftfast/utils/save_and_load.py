@@ -21,12 +21,16 @@ from torch import nn
 from ..registry import parameter_prefix
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .hub import hub_file, split_hub_kwargs
-from .other import AuxiliaryTrainingWrapper
+from .other import AuxiliaryTrainingWrapper, named_modules_outside_adapters
 from .peft_types import PeftType
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, AuxiliaryTrainingWrapper]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+    return [
+        (name, module)
+        for name, module in named_modules_outside_adapters(model)
+        if isinstance(module, AuxiliaryTrainingWrapper)
+    ]
 
 
 def _wrapper_load_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
@@ -221,6 +225,67 @@ def _to_model_key(key: str, adapter_name: str, prefix: str, wrapper_keys: dict[s
 _V4_EXPERT_KEY = re.compile(r"\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.lora_")
 
 
+class _ModelTensors:
+    """The model's tensors by state_dict key, as far as loading one adapter needs them: `key in` and `[key]` ->
+    (tensor, is_parameter). `own` are the adapter's own tensors (in its entries of adapter layers). Without `whole`,
+    nothing walks other adapters' entries or builds the model's whole state dict, so loading the N-th adapter costs
+    what loading the first does; a key outside the adapter (a base bias, a modules_to_save copy) is looked up by its
+    path. `whole` (prompt learning, whose state lives outside adapter layers) uses the whole state dict."""
+
+    def __init__(self, model: nn.Module, adapter_name: str, prefix: str, whole: bool) -> None:
+        self._model = model
+        self._whole: dict[str, tuple[torch.Tensor, bool]] | None = None
+        if whole:
+            parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+            self._whole = {key: (value, key in parameters) for key, value in model.state_dict().items()}
+            own_adapter = _adapter_key_pattern(prefix, adapter_name)
+            self.own = {key: value for key, value in self._whole.items() if own_adapter.search(key)}
+            return
+        self.own = {}
+        for path, module in named_modules_outside_adapters(model):
+            cls = type(module)
+            for attr in (*getattr(cls, "adapter_layer_names", ()), *getattr(cls, "other_param_names", ())):
+                holder = module._modules.get(attr) if attr.startswith(prefix) else None
+                if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in holder:
+                    continue
+                entry_key = f"{path}.{attr}.{adapter_name}" if path else f"{attr}.{adapter_name}"
+                entry = holder[adapter_name]
+                if isinstance(entry, torch.Tensor):
+                    self.own[entry_key] = (entry, True)
+                    continue
+                parameters = {name for name, _ in entry.named_parameters()}
+                for name, value in entry.state_dict().items():
+                    self.own[f"{entry_key}.{name}"] = (value, name in parameters)
+
+    def _lookup(self, key: str) -> tuple[torch.Tensor, bool] | None:
+        if self._whole is not None:
+            return self._whole.get(key)
+        found = self.own.get(key)
+        if found is not None:
+            return found
+        path, _, leaf = key.rpartition(".")
+        try:
+            module = self._model.get_submodule(path) if path else self._model
+        except AttributeError:
+            return None
+        param = module._parameters.get(leaf)
+        if param is not None:
+            return param, True
+        buffer = module._buffers.get(leaf)
+        if buffer is not None and leaf not in module._non_persistent_buffers_set:
+            return buffer, False
+        return None
+
+    def __contains__(self, key: str) -> bool:
+        return self._lookup(key) is not None
+
+    def __getitem__(self, key: str) -> tuple[torch.Tensor, bool]:
+        found = self._lookup(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+
 @dataclass
 class _AdapterLoad:
     """What loading a file's tensors into an adapter will write, worked out and checked before anything is."""
@@ -240,8 +305,7 @@ def _plan_adapter_load(
     config = model.peft_config[adapter_name]
     prefix = parameter_prefix(config)
     wrapper_keys = _wrapper_load_keys(model, adapter_name)
-    model_state = model.state_dict()
-    parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    model_state = _ModelTensors(model, adapter_name, prefix, whole=config.is_prompt_learning)
     file_state = dict(peft_model_state_dict)
     prompt_embeddings = None
     if config.is_prompt_learning:
@@ -268,7 +332,7 @@ def _plan_adapter_load(
         if model_key not in model_state:
             unexpected[key] = model_key
             continue
-        target = model_state[model_key]
+        target, is_parameter = model_state[model_key]
         if target.shape != value.shape:
             if not ignore_mismatched_sizes:
                 raise ValueError(
@@ -278,7 +342,7 @@ def _plan_adapter_load(
                 )
             mismatched.append((model_key, tuple(value.shape), tuple(target.shape)))
             continue
-        _check_loadable(model_key, value, target.dtype, is_parameter=model_key in parameter_names)
+        _check_loadable(model_key, value, target.dtype, is_parameter=is_parameter)
         tensors[model_key] = value
     per_expert = [key for key in unexpected.values() if _V4_EXPERT_KEY.search(key)]
     if per_expert:
@@ -290,9 +354,9 @@ def _plan_adapter_load(
             "adapter weights is not implemented in peftfast; load it with HF PEFT, or train the adapter with "
             "target_parameters on the v5 model. Nothing was loaded."
         )
-    own_adapter = _adapter_key_pattern(prefix, adapter_name)
-    expected = {key for key in model_state if own_adapter.search(key)} | set(wrapper_keys.values())
-    missing = [key for key in model_state if key in expected and key not in tensors]
+    expected = dict.fromkeys(model_state.own)
+    expected.update((key, None) for key in wrapper_keys.values() if key in model_state)
+    missing = [key for key in expected if key not in tensors]
     if config.is_prompt_learning and prompt_embeddings is None:
         # The prompt lives in the PeftModel's prompt encoder, not in the model's state dict.
         missing.append("prompt_embeddings")
@@ -318,15 +382,22 @@ def _apply_adapter_load(
     model: nn.Module, plan: _AdapterLoad, adapter_name: str, low_cpu_mem_usage: bool = False
 ) -> Any:
     """Write a checked `_AdapterLoad` into the model; warns about the file's keys that were not loaded."""
+    # Each tensor is loaded by the module that holds it (what model.load_state_dict does per module, without walking
+    # every other adapter's modules on the way).
+    by_owner: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in plan.tensors.items():
+        owner, _, leaf = key.rpartition(".")
+        by_owner.setdefault(owner, {})[leaf] = value
+    for owner, tensors in by_owner.items():
+        module = model.get_submodule(owner) if owner else model
+        module.load_state_dict(tensors, strict=False, assign=low_cpu_mem_usage)
     if low_cpu_mem_usage:
-        result = model.load_state_dict(plan.tensors, strict=False, assign=True)
         # The assigned tensors have the file's device and dtype: move them to their base layers (fp32 is kept on
         # fp16/bf16 bases; a PeftModel then applies its autocast_adapter_dtype choice).
-        for module in model.modules():
+        for _, module in named_modules_outside_adapters(model):
             if hasattr(module, "_move_adapter_to_base"):
                 module._move_adapter_to_base(adapter_name, autocast_adapter_dtype=True)
-    else:
-        result = model.load_state_dict(plan.tensors, strict=False)
+    result = _IncompatibleKeys([], [])
     result.missing_keys[:] = plan.missing_keys
     result.unexpected_keys[:] = plan.unexpected_keys.values()
     if plan.prompt_embeddings is not None:

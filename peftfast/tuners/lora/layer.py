@@ -206,11 +206,22 @@ class LoraLayer(BaseTunerLayer):
             params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
             if any(param.device.type == "meta" for param in params):
                 continue
+            if all(param.device == device and (wanted is None or param.dtype == wanted) for param in params):
+                continue
             if isinstance(item, nn.Parameter):
                 # A ParameterDict wraps a plain tensor in a new, trainable Parameter: keep requires_grad as it was.
                 holder[adapter_name] = nn.Parameter(item.detach().to(device=device, dtype=wanted), item.requires_grad)
             else:
                 item.to(device=device, dtype=wanted)
+
+    def _activate_added_adapter(self, adapter_name: str) -> None:
+        """After `update_layer` added `adapter_name`: its weights train if it is active on this layer. The other
+        adapters are left alone (HF PEFT re-applies `set_adapter` to all of them, which its tuner then undoes), so
+        adding an adapter costs the same however many the layer holds."""
+        trainable = adapter_name in self.active_adapters
+        for holder in self._adapter_holders():
+            if adapter_name in holder:
+                holder[adapter_name].requires_grad_(trainable)
 
     def _initial_scaling(self, adapter: str) -> float:
         rank = math.sqrt(self.r[adapter]) if self.use_rslora.get(adapter, False) else self.r[adapter]
@@ -524,7 +535,7 @@ class Linear(nn.Module, LoraLayer):
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
         self._set_dora(adapter_name, use_dora, dora.DoraLinearLayer(fan_in_fan_out=self.fan_in_fan_out))
-        self.set_adapter(self.active_adapters)
+        self._activate_added_adapter(adapter_name)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         weight_A = self.lora_A[adapter].weight
@@ -794,7 +805,7 @@ class Embedding(nn.Module, LoraLayer):
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
         self._set_dora(adapter_name, use_dora, dora.DoraEmbeddingLayer(fan_in_fan_out=True))
-        self.set_adapter(self.active_adapters)
+        self._activate_added_adapter(adapter_name)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -923,7 +934,7 @@ class _ConvNd(nn.Module, LoraLayer):
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
         self._set_dora(adapter_name, use_dora, _DORA_CONV_LAYERS[self._kernel_dim]())
-        self.set_adapter(self.active_adapters)
+        self._activate_added_adapter(adapter_name)
 
     def _conv(self, input: torch.Tensor, weight: torch.Tensor, **options: Any) -> torch.Tensor:
         return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[self._kernel_dim](input, weight, **options)
