@@ -1,5 +1,6 @@
 """Time mixed-adapter batches (`adapter_names=[...]`): peftfast's SGMV kernels against HF PEFT's mixed-batch forward
-and against the same batch on one adapter, then a whole Llama-shaped decode step with 32 adapters. CUDA GPU only.
+and against the same batch on one adapter, then a whole Llama-shaped decode step with 32 adapters. On a CPU (no CUDA
+GPU visible), the layer suite runs the torch path at small shapes instead (see "CPU mode").
 
 Layer suite: one LoRA Linear of hidden x hidden (bf16 base, fp32 adapters as HF PEFT's autocast leaves them) holding
 64 adapters; decode batches of `tokens` rows of one token each, spread round-robin over `adapters` distinct adapters.
@@ -9,8 +10,14 @@ Providers, all timing the whole layer forward (base GEMM + LoRA) on the same inp
     peftfast_sgmv   peftfast's layer with adapter_names, backend "triton" (the SGMV kernels);
     peftfast_torch  the same on backend "torch" (the reference loop);
     single_adapter  peftfast's layer, same batch, one active adapter, no adapter_names (the fused single-adapter path).
-The row grouping (`AdapterRowGroups`) is built once outside the timed call, as the model's forward hook builds it
-once per forward for all layers.
+The mixed batch (`MixedBatch`: row tensor, token layout) is built once outside the timed call, as the model's forward
+context builds it once per forward for all layers.
+
+CPU mode: the layer suite on the torch backend, fp32, hidden 512 by default, with providers gemm, hf_peft,
+peftfast_torch, single_adapter and
+    pack            packing the layer's adapters from their live weights alone (`LoraAdapterBank.pack`), which every
+                    mixed-batch call does so that a result is never stale (see `peftfast/tuners/lora/bank.py`): the
+                    cost of not caching the packed copy.
 
 Model suite: a Llama-shaped model (random weights, bf16), all-linear LoRA r=16 adapters, one decode step of a batch
 of 32 sequences with a KV cache of `--context` tokens: 32 distinct adapters on the kernels and on the torch loop,
@@ -19,8 +26,10 @@ the same batch on one adapter, and the base model.
     python bench/bench_multi_adapter.py                 # both suites, full grids
     python bench/bench_multi_adapter.py --quick         # a smoke run
     python bench/bench_multi_adapter.py --suite model --layers 8
+    python bench/bench_multi_adapter.py                 # without a GPU: the CPU layer suite
 
-Results are appended to <output-dir>/multi_adapter-<gpu>.csv with the GPU name, versions and git commit.
+Results are appended to <output-dir>/multi_adapter-<gpu>.csv (multi_adapter-cpu.csv) with the device, versions and
+git commit.
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ from peftfast.bench import (
     results_slug,
     time_fn,
 )
-from peftfast.utils.mixed_batch import AdapterRowGroups
+from peftfast.cli import cpu_threads
+from peftfast.utils.mixed_batch import MixedBatch
 
 COLUMNS = ENVIRONMENT_COLUMNS + (
     "suite",
@@ -58,6 +68,7 @@ COLUMNS = ENVIRONMENT_COLUMNS + (
     "gbps",
 )
 BANK_SIZE = 64  # adapters loaded in the layer suite: the most a batch uses
+ADAPTER_NAMES = tuple(f"a{index}" for index in range(BANK_SIZE))
 
 
 class _OneLinear(nn.Module):
@@ -73,10 +84,10 @@ def _adapter_configs(lib, rank: int) -> list:
     return [lib.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], init_lora_weights=False)] * BANK_SIZE
 
 
-def _layer(lib, hidden: int, rank: int, device: torch.device) -> nn.Module:
-    """The LoRA layer of `lib` (peft or peftfast) with BANK_SIZE adapters "a0".."a63" on a bf16 base."""
+def _layer(lib, hidden: int, rank: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The LoRA layer of `lib` (peft or peftfast) with BANK_SIZE adapters "a0".."a63" on a `dtype` base."""
     torch.manual_seed(0)
-    base = _OneLinear(hidden).to(device, torch.bfloat16)
+    base = _OneLinear(hidden).to(device, dtype)
     configs = _adapter_configs(lib, rank)
     model = lib.get_peft_model(base, configs[0], adapter_name="a0")
     for index, config in enumerate(configs[1:], start=1):
@@ -112,14 +123,23 @@ def _on(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def _layer_providers(
-    ours: nn.Module, theirs: nn.Module, x: torch.Tensor, names: list[str], groups: AdapterRowGroups
+    ours: nn.Module, theirs: nn.Module, x: torch.Tensor, names: list[str], batch: MixedBatch
 ) -> dict[str, Callable[[], object]]:
     ours.set_adapter("a0")
+    if x.device.type == "cpu":
+        bank = ours.adapter_bank()
+        return {
+            "single_adapter": _on("torch", lambda: ours(x)),
+            "gemm": _on("torch", lambda: ours.base_layer(x)),
+            "peftfast_torch": _on("torch", lambda: ours(x, adapter_names=batch)),
+            "pack": _on("torch", lambda: bank.pack(ours, bank.slot_names(ours, batch), None, x.device)),
+            "hf_peft": _on("torch", lambda: theirs(x, adapter_names=names)),
+        }
     return {
         "single_adapter": _on("triton", lambda: ours(x)),
         "gemm": _on("torch", lambda: ours.base_layer(x)),
-        "peftfast_sgmv": _on("triton", lambda: ours(x, adapter_names=groups)),
-        "peftfast_torch": _on("torch", lambda: ours(x, adapter_names=groups)),
+        "peftfast_sgmv": _on("triton", lambda: ours(x, adapter_names=batch)),
+        "peftfast_torch": _on("torch", lambda: ours(x, adapter_names=batch)),
         "hf_peft": _on("torch", lambda: theirs(x, adapter_names=names)),
     }
 
@@ -130,23 +150,28 @@ def run_layer_suite(args: argparse.Namespace, device: torch.device, env: dict) -
     import peftfast
 
     rows = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for rank in args.ranks:
-        ours, theirs = _layer(peftfast, args.hidden, rank, device), _layer(peft, args.hidden, rank, device)
+        ours, theirs = (
+            _layer(peftfast, args.hidden, rank, device, dtype),
+            _layer(peft, args.hidden, rank, device, dtype),
+        )
         for tokens in args.tokens:
-            x = torch.randn(tokens, args.hidden, device=device, dtype=torch.bfloat16)
+            x = torch.randn(tokens, args.hidden, device=device, dtype=dtype)
             for adapters in [a for a in args.adapters if a <= tokens]:
                 names = [f"a{row % adapters}" for row in range(tokens)]
-                groups = AdapterRowGroups(names, num_adapters=BANK_SIZE)
-                providers = _layer_providers(ours, theirs, x, names, groups)
+                batch = MixedBatch(names, ADAPTER_NAMES, devices=[device])
+                providers = _layer_providers(ours, theirs, x, names, batch)
                 if tokens > args.max_torch_loop_tokens:
                     del providers["peftfast_torch"]
                 single_ms = None
                 for provider, fn in providers.items():
                     timing = time_fn(fn, device)
                     single_ms = timing.median_ms if provider == "single_adapter" else single_ms
-                    used = 1 if provider == "single_adapter" else 0 if provider == "gemm" else adapters
+                    used = 1 if provider == "single_adapter" else 0 if provider in ("gemm", "pack") else adapters
                     adapter_bytes = 2 if provider == "peftfast_sgmv" else 4
-                    ideal = _lora_bytes(tokens, used, rank, args.hidden, adapter_bytes)
+                    # GB/s only means something for a GPU's memory-bound kernels.
+                    ideal = _lora_bytes(tokens, used, rank, args.hidden, adapter_bytes) if device.type == "cuda" else 0
                     case = dict(tokens=tokens, adapters=adapters, rank=rank, hidden=args.hidden)
                     rows.append(_row(env, "layer", provider, timing, single_ms, ideal, **case))
                     print(
@@ -227,10 +252,10 @@ def run_model_suite(args: argparse.Namespace, device: torch.device, env: dict) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("layer", "model", "all"), default="all")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
-    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, nargs="+", help="default: 1 ... 256 (GPU), 1 4 16 64 (CPU)")
+    parser.add_argument("--adapters", type=int, nargs="+", help="default: 1 ... 64 (GPU), 1 4 16 64 (CPU)")
+    parser.add_argument("--ranks", type=int, nargs="+", help="default: 8 16 64 (GPU), 16 (CPU)")
+    parser.add_argument("--hidden", type=int, help="default: 4096 (GPU), 512 (CPU)")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the Llama-shaped model")
     parser.add_argument("--context", type=int, default=128, help="KV-cache length before the timed decode step")
     parser.add_argument(
@@ -239,21 +264,33 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tokens 32, adapters 1/4/32, r=16, 2 model layers")
     add_output_dir_argument(parser)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print(
-            "bench_multi_adapter.py times GPU kernels and needs a CUDA GPU; none is visible here. "
-            "The kernels' correctness on CPU is checked by tests/test_multi_adapter_kernels.py.",
-            file=sys.stderr,
+    on_gpu = torch.cuda.is_available()
+    defaults = (
+        dict(
+            tokens=[1, 2, 4, 8, 16, 32, 64, 128, 256], adapters=[1, 2, 4, 8, 16, 32, 64], ranks=[8, 16, 64], hidden=4096
         )
-        return 2
+        if on_gpu
+        else dict(tokens=[1, 4, 16, 64], adapters=[1, 4, 16, 64], ranks=[16], hidden=512)
+    )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.quick:
         args.tokens, args.adapters, args.ranks, args.layers = [32], [1, 4, 32], [16], 2
-    device = torch.device("cuda")
+    if not on_gpu and args.suite == "model":
+        print("The model suite times GPU kernels; without a CUDA GPU only the layer suite runs.", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if on_gpu else "cpu")
     env = asdict(environment(device))
     rows = []
     if args.suite in ("layer", "all"):
-        rows += run_layer_suite(args, device, env)
-    if args.suite in ("model", "all"):
+        if on_gpu:
+            rows += run_layer_suite(args, device, env)
+        else:
+            # One torch thread: on small CPU matrices more threads mostly wait for each other (see bench/README.md).
+            with cpu_threads(1):
+                rows += run_layer_suite(args, device, env)
+    if args.suite in ("model", "all") and on_gpu:
         rows += run_model_suite(args, device, env)
     path = args.output_dir / f"multi_adapter-{results_slug(device)}.csv"
     append_csv(path, rows, COLUMNS)

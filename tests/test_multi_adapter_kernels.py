@@ -114,6 +114,27 @@ def test_popularity_patterns_mixed_ranks(kind, tokens_per_row):
     assert_close(got.double(), exact, kind="kernel", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("kind", ["identical", "distinct", "zipf"])
+@pytest.mark.parametrize("tokens_per_row", [1, 3, 70], ids=["decode", "short", "prefill"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_both_torch_formulations_match_per_row_math(kind, tokens_per_row, dtype):
+    """The reference's two forms (tile by tile with static shapes, as traced by torch.compile and on a GPU; by
+    adapter group, eagerly on a CPU) against independent fp64 math, with "__base__" rows and a lora_B bias."""
+    K, N = 33, 21
+    packed = Packed(K, N, RANKS, with_bias=True, seed=4)
+    names = _popularity(kind, 9, len(RANKS), seed=5) + [BASE]
+    M = len(names) * tokens_per_row
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    y = torch.randn(M, N, device=DEVICE).to(dtype)
+    args = packed.args(packed.batch(names), tokens_per_row)
+    exact = packed.per_row(y, x, names, tokens_per_row)
+    by_tile = ops.reference._multi_adapter_by_tile(y.clone(), x, *args)
+    by_group = ops.reference._multi_adapter_by_group(y.clone(), x, *args)
+    assert_close(by_tile.double(), exact, kind="kernel", dtype=dtype)
+    assert_close(by_group.double(), exact, kind="kernel", dtype=dtype)
+    assert_close(by_tile, by_group, kind="kernel")
+
+
 def test_rows_with_no_adapter_are_left_untouched():
     K, N = 23, 31
     packed = Packed(K, N, RANKS, with_bias=True)

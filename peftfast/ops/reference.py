@@ -480,6 +480,31 @@ def _add_tile_outputs(
     return y.index_add_(0, parts.tokens.flatten(), delta.flatten(0, 1).to(y.dtype))
 
 
+def _group_spans(tiles: torch.Tensor, group_slot: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(slot, start, end) in token_order of each group that has a slot here (a group's tiles are consecutive)."""
+    spans: dict[int, list[int]] = {}
+    for group, start, end in tiles.tolist():
+        if group >= 0 and end > start:
+            span = spans.setdefault(group, [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
+    slots = group_slot.tolist()
+    return [(slots[group], start, end) for group, (start, end) in spans.items() if slots[group] >= 0]
+
+
+def _multi_adapter_by_group(
+    y, x, lora_A, lora_B_t, lora_B_bias, scaling, slot_spans, group_slot, token_order, tiles, block_m, r_max
+) -> torch.Tensor:
+    spans = slot_spans.tolist()
+    for slot, start, end in _group_spans(tiles, group_slot):
+        row, rank = spans[slot]
+        tokens = token_order[start:end].long()
+        bias = lora_B_bias[slot] if lora_B_bias is not None else None
+        after_A = F.linear(x[tokens].to(lora_A.dtype), lora_A[row : row + rank])
+        delta = F.linear(after_A, lora_B_t[row : row + rank].T, bias) * scaling[slot]
+        y.index_add_(0, tokens, delta.to(y.dtype))
+    return y
+
+
 def lora_shrink_sgmv(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -556,11 +581,23 @@ def lora_multi_adapter(
     Shapes: y [M, d_out]; x [M, d_in]; packed adapters and token layout as in `lora_shrink_sgmv`/`lora_expand_sgmv`
     (A[s] = lora_A[row_s : row_s + r_s], B[s] = lora_B_t[row_s : row_s + r_s].T); r_max = max_s r_s.
 
-    Computed tile by tile as the SGMV kernels are (gathers and batched matmuls of shapes fixed by the layout), so it
-    has no data-dependent shape and traces into one graph under torch.compile.
+    Two formulations of the same sum. Traced by torch.compile, and on a GPU: tile by tile as the SGMV kernels are
+    (gathers and batched matmuls of shapes fixed by the layout: no data-dependent shape, no host sync, capturable in a
+    CUDA graph). Eagerly on a CPU: one gather, two matmuls and a scatter-add per adapter group, the group spans read
+    on the host as HF PEFT's loop does; there the static form's padding (every tile of the bound computed, used or
+    not) costs several times what a host read does (bench/bench_multi_adapter.py, CPU mode).
     """
     if x.shape[0] == 0 or r_max == 0:
         return y
+    args = (y, x, lora_A, lora_B_t, lora_B_bias, scaling, slot_spans, group_slot, token_order, tiles, block_m, r_max)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _multi_adapter_by_group(*args)
+    return _multi_adapter_by_tile(*args)
+
+
+def _multi_adapter_by_tile(
+    y, x, lora_A, lora_B_t, lora_B_bias, scaling, slot_spans, group_slot, token_order, tiles, block_m, r_max
+) -> torch.Tensor:
     parts = _tiles(slot_spans, group_slot, token_order, tiles, block_m, r_max, lora_A.shape[0])
     x_tiles, A_tiles = _tile_inputs(x, lora_A, parts)
     return _add_tile_outputs(y, torch.bmm(x_tiles, A_tiles.transpose(1, 2)), lora_B_t, lora_B_bias, scaling, parts)
