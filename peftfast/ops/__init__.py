@@ -91,7 +91,7 @@ def lora_add_masked(
     Returns result's dtype. No host sync and no data-dependent shape, whatever the mask holds.
     """
     backend, implementation = dispatch.resolve("lora_add_masked", result, x, lora_A, lora_B, token_mask)
-    _last_backend["lora_add_masked"] = backend
+    _record("lora_add_masked", backend)
     return implementation(result, x, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training, token_mask)
 
 
@@ -236,7 +236,7 @@ def embedding_with_replaced_rows(
     token_indices[j]] = j, -1 elsewhere); rows [k, d]. Returns [..., d] in W's dtype.
     """
     backend, implementation = dispatch.resolve("embedding_with_replaced_rows", ids, weight, rows)
-    _last_backend["embedding_with_replaced_rows"] = backend
+    _record("embedding_with_replaced_rows", backend)
     return implementation(
         ids, weight, token_indices, token_slots, rows, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse
     )
@@ -250,7 +250,7 @@ def linear_with_replaced_rows(
     Shapes: x [..., d]; weight W [V, d]; token_indices [k] int64; rows [k, d]. Returns [..., V].
     """
     backend, implementation = dispatch.resolve("linear_with_replaced_rows", x, weight, rows)
-    _last_backend["linear_with_replaced_rows"] = backend
+    _record("linear_with_replaced_rows", backend)
     return implementation(x, weight, token_indices, rows)
 
 
@@ -285,7 +285,7 @@ def moe_lora_linear(
     weights' dtype. Nothing of size E x in x out is formed.
     """
     backend, implementation = dispatch.resolve("moe_lora_linear", x, weight, bias, offsets, lora_A, lora_B)
-    _last_backend["moe_lora_linear"] = backend
+    _record("moe_lora_linear", backend)
     return implementation(x, weight, bias, offsets, lora_A, lora_B, scaling, transposed)
 
 
@@ -317,7 +317,7 @@ def dora_weight_norm(
     (norm, weight_sq), both [d_out] fp32.
     """
     backend, implementation = dispatch.resolve("dora_weight_norm", weight, lora_A, lora_B, scaling, weight_sq)
-    _last_backend["dora_weight_norm"] = backend
+    _record("dora_weight_norm", backend)
     return implementation(weight, lora_A, lora_B, scaling, weight_sq)
 
 
@@ -343,7 +343,7 @@ def dora_linear(
     [..., d_out] in the dtype of x @ W.T.
     """
     backend, implementation = dispatch.resolve("dora_linear", x, weight, bias, lora_A, lora_B, magnitude, weight_norm)
-    _last_backend["dora_linear"] = backend
+    _record("dora_linear", backend)
     return implementation(
         x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, training, weight_sq
     )
@@ -366,7 +366,7 @@ def dora_scale(
     bias [C] or None. Returns result's dtype.
     """
     backend, implementation = dispatch.resolve("dora_scale", result)
-    _last_backend["dora_scale"] = backend
+    _record("dora_scale", backend)
     return implementation(result, lora_out, magnitude, weight_norm, bias, base_dropped, channel_dim)
 
 

@@ -41,14 +41,22 @@ def lora_add(
         if x.dtype != A.dtype:
             x = x.to(A.dtype)
         after_A = F.linear(F.dropout(x, p=p, training=training) if p > 0 else x, A)
-        sum_dtype = total.dtype if total.dtype == B.dtype else torch.promote_types(total.dtype, B.dtype)
-        if B_bias is None and after_A.dtype == B.dtype == sum_dtype and not isinstance(s, torch.Tensor):
-            total = torch.addmm(total if total.dtype == sum_dtype else total.to(sum_dtype), after_A, B.t(), alpha=s)
+        if B_bias is None:
+            total = _add_scaled_product(total, after_A, B, s)
         else:
             total = total + F.linear(after_A, B, B_bias) * s
     if flat:
         total = total.reshape(out_shape)
     return total if total.dtype == result_dtype else total.to(result_dtype)
+
+
+def _add_scaled_product(total: torch.Tensor, after_A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """total + (after_A @ B.T) * s, 2-D: one addmm where the dtypes allow (and s is a number), else the product
+    scaled and added, in the dtype the sum promotes to."""
+    sum_dtype = total.dtype if total.dtype == B.dtype else torch.promote_types(total.dtype, B.dtype)
+    if after_A.dtype == B.dtype == sum_dtype and not isinstance(s, torch.Tensor):
+        return torch.addmm(total if total.dtype == sum_dtype else total.to(sum_dtype), after_A, B.t(), alpha=s)
+    return total + F.linear(after_A, B) * s
 
 
 def lora_add_masked(
@@ -70,17 +78,25 @@ def lora_add_masked(
     `where` over [tokens, r], not over the output): no data-dependent shape, no host sync, the cost of plain LoRA. A
     masked-out token's output is exactly result's and sends no gradient through the adapter.
     """
-    result_dtype = result.dtype
-    keep = token_mask.unsqueeze(-1)
+    result_dtype, out_shape = result.dtype, result.shape
+    # Two-dimensional, summed as `lora_add` sums (so that a mask that is on everywhere gives its result exactly).
+    flat = result.dim() != 2
+    total = result.reshape(-1, out_shape[-1]) if flat else result
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    keep = token_mask.reshape(-1, 1)
     for A, B, B_bias, s, p in zip(lora_A, lora_B, lora_B_bias, scaling, dropout_p):
         if x.dtype != A.dtype:
             x = x.to(A.dtype)
         dropped = F.dropout(x, p=p, training=training) if p > 0 else x
-        delta = F.linear(torch.where(keep, F.linear(dropped, A), 0.0), B)
-        if B_bias is not None:
-            delta = delta + torch.where(keep, B_bias, 0.0)
-        result = result + delta * s
-    return result if result.dtype == result_dtype else result.to(result_dtype)
+        after_A = torch.where(keep, F.linear(dropped, A), 0.0)
+        if B_bias is None:
+            total = _add_scaled_product(total, after_A, B, s)
+        else:
+            total = total + (F.linear(after_A, B) + torch.where(keep, B_bias, 0.0)) * s
+    if flat:
+        total = total.reshape(out_shape)
+    return total if total.dtype == result_dtype else total.to(result_dtype)
 
 
 def lora_linear(
@@ -480,7 +496,7 @@ def _add_tile_outputs(
     return y.index_add_(0, parts.tokens.flatten(), delta.flatten(0, 1).to(y.dtype))
 
 
-def _group_spans(tiles: torch.Tensor, group_slot: torch.Tensor) -> list[tuple[int, int, int]]:
+def _adapter_group_spans(tiles: torch.Tensor, group_slot: torch.Tensor) -> list[tuple[int, int, int]]:
     """(slot, start, end) in token_order of each group that has a slot here (a group's tiles are consecutive)."""
     spans: dict[int, list[int]] = {}
     for group, start, end in tiles.tolist():
@@ -495,7 +511,7 @@ def _multi_adapter_by_group(
     y, x, lora_A, lora_B_t, lora_B_bias, scaling, slot_spans, group_slot, token_order, tiles, block_m, r_max
 ) -> torch.Tensor:
     spans = slot_spans.tolist()
-    for slot, start, end in _group_spans(tiles, group_slot):
+    for slot, start, end in _adapter_group_spans(tiles, group_slot):
         row, rank = spans[slot]
         tokens = token_order[start:end].long()
         bias = lora_B_bias[slot] if lora_B_bias is not None else None
