@@ -128,6 +128,40 @@ def test_mixed_adapter_eval():
     _check_eval(_lora_model(), adapter_names=NAMES)
 
 
+def test_mixed_adapter_eval_with_alora_rows():
+    """aLoRA rows (their term masked to the tokens after the invocation) beside plain ones: selected by a mask when
+    traced, so the model's forward compiles whole (the call's offsets and mixed batch are made outside it, as in
+    generate)."""
+    settings = dict(target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+    model = peftfast.get_peft_model(_llama(), LoraConfig(r=4, **settings), adapter_name="a")
+    model.add_adapter("c", LoraConfig(r=2, alora_invocation_tokens=[7, 8], **settings))
+    model.eval()
+    ids = _ids()
+    ids[1, 1:3] = torch.tensor([7, 8])
+    tuner = model.base_model
+    compiled, counter = _compiled(lambda input_ids: tuner.model(input_ids=input_ids).logits)
+
+    def run(forward, names):
+        offsets = tuner.alora_offsets_for_call(input_ids=ids, adapter_names=names)
+        with torch.no_grad(), tuner._enable_peft_forward_hooks(adapter_names=names, alora_offsets=offsets):
+            return forward(ids)
+
+    names = ["a", "c", "c", "a"]
+    expected = run(lambda input_ids: tuner.model(input_ids=input_ids).logits, names)
+    assert_close(expected, _logits_of(model, ids, names), kind="kernel")
+    assert_close(run(compiled, names), expected, kind="kernel")
+    _assert_one_graph(counter)
+    # The invocation made a difference (row 1 has it, row 2 doesn't).
+    plain = _logits_of(model, ids, ["a", "__base__", "__base__", "a"])
+    assert not torch.allclose(expected[1, -1], plain[1, -1], atol=1e-4)
+    assert_close(expected[2], plain[2], kind="kernel")
+
+
+def _logits_of(model, ids, names):
+    with torch.no_grad():
+        return model(input_ids=ids, adapter_names=names).logits
+
+
 def test_qlora_training_and_mixed_batch():
     model = _lora_model(base=quantize_to_4bit(_llama()))
     model.set_adapter("a")

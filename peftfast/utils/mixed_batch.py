@@ -152,6 +152,10 @@ class MixedBatch:
                 self._rows[device] = rows
         return rows
 
+    def rows_of(self, name: str, device: torch.device) -> torch.Tensor:
+        """bool [rows]: which rows use adapter `name` (one of `adapters`), as data."""
+        return self.row_adapter(device) == self.adapters.index(name)
+
     def layout(self, tokens_per_row: int, device: torch.device) -> TokenLayout:
         """The token layout for rows of `tokens_per_row` tokens: built once per (tokens_per_row, device) when eager,
         so that prefill and each decode step of one `generate` call share it across layers; traced where compiled."""

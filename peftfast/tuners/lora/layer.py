@@ -464,6 +464,11 @@ def _initialisation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {name: kwargs[name] for name in ("loftq_config", "lora_ga_config") if name in kwargs}
 
 
+def _row_mask(rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """A [rows] bool mask shaped to broadcast over a [rows, ...] tensor of `dim` dimensions."""
+    return rows.reshape(-1, *([1] * (dim - 1)))
+
+
 def _parameter(module: nn.Module, name: str) -> torch.Tensor | None:
     """`getattr(module, name)` for a registered parameter (possibly None), read from `_parameters` directly; anything
     else (a parametrized or plain attribute) through getattr."""
@@ -619,19 +624,28 @@ class Linear(nn.Module, LoraLayer):
         """Each row runs with its own adapter, all of them in one `ops.lora_multi_adapter` call over the adapters
         packed from their live weights (SGMV kernels on the triton backend). The rows' adapters and the token layout
         are data (a `MixedBatch`), so a compiled graph serves every assignment of adapters to rows. The rows of an
-        aLoRA adapter get its term from `ops.lora_add_masked` instead, on the tokens their offsets select."""
+        aLoRA adapter get its term from `ops.lora_add_masked` instead, on the tokens their offsets select; a DoRA
+        adapter's rows are rescaled after. Eagerly those rows are gathered (the batch's names are known on the host);
+        traced, every row is computed and the adapter's rows selected by a mask, so the graph stays the same."""
         result = self.base_layer(x, *args, **kwargs)
         batch = MixedBatch.of(adapter_names, tuple(self.lora_A))
         if x.numel() == 0:
             return result
+        traced = torch.compiler.is_compiling()
         groups = batch.groups
-        activated = [name for name in groups.groups if name in self.lora_A and self.use_alora.get(name)]
+        use_alora = self.use_alora
+        activated = [name for name in self.lora_A if use_alora.get(name) and (traced or name in batch.used)]
         if activated:
             mask = token_mask_for(alora_offsets, result.shape[:-1], x.device)
             for name in activated:
+                weights = self._lora_weights([name])
+                if traced:
+                    rows = _row_mask(batch.rows_of(name, x.device), mask.dim())
+                    result = ops.lora_add_masked(result, x, *weights, training=self.training, token_mask=mask & rows)
+                    continue
                 rows = groups.rows(name, x.device)
                 result[rows] = ops.lora_add_masked(
-                    result[rows], x[rows], *self._lora_weights([name]), training=self.training, token_mask=mask[rows]
+                    result[rows], x[rows], *weights, training=self.training, token_mask=mask[rows]
                 )
             self._record_backend("lora_add_masked")
         bank = self.adapter_bank()
@@ -659,12 +673,18 @@ class Linear(nn.Module, LoraLayer):
         self._record_backend("lora_multi_adapter")
         result = y2d.reshape(result.shape)
         # A DoRA adapter's rows now hold W x + b + s B A x: rescaling them by g = m / norm around b gives its output.
+        dora_adapters = self._modules["lora_magnitude_vector"]._modules
         bias = self.get_base_layer().bias
         for name in names:
-            if name in self.lora_magnitude_vector and name in groups.groups:
-                rows = groups.rows(name, x.device)
-                magnitude = self.lora_magnitude_vector[name].weight
-                result[rows] = ops.dora_scale(result[rows], None, magnitude, self._dora_weight_norm(name), bias)
+            if name not in dora_adapters or not (traced or name in batch.used):
+                continue
+            magnitude, norm = dora_adapters[name].weight, self._dora_weight_norm(name)
+            if traced:
+                rows = _row_mask(batch.rows_of(name, x.device), result.dim())
+                result = torch.where(rows, ops.dora_scale(result, None, magnitude, norm, bias), result)
+                continue
+            rows = groups.rows(name, x.device)
+            result[rows] = ops.dora_scale(result[rows], None, magnitude, norm, bias)
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
