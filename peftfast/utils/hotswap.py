@@ -384,7 +384,8 @@ def hotswap_adapter(
     scalings tensors) a compiled model runs the new adapter without recompiling. `torch_device`: where the new
     weights are read to (default: the GPU if there is one); `subfolder` and other keywords go to the config."""
     from ..config import PeftConfig
-    from .save_and_load import _tuner_prefix, load_peft_weights
+    from ..registry import parameter_prefix
+    from .save_and_load import load_peft_weights
 
     subfolder = kwargs.get("subfolder")
     config = PeftConfig.from_pretrained(model_name_or_path, **kwargs)
@@ -393,7 +394,7 @@ def hotswap_adapter(
         raise ValueError(f"Adapter {adapter_name!r} not found; available adapters: {list(peft_config)}.")
     check_hotswap_configs_compatible(peft_config[adapter_name], config)
     state_dict = load_peft_weights(model_name_or_path, device=torch_device or _default_device(), subfolder=subfolder)
-    prefix = _tuner_prefix(config)
+    prefix = parameter_prefix(config)
     hotswap_adapter_from_state_dict(
         model, _with_adapter_name(state_dict, adapter_name, prefix), adapter_name, config, parameter_prefix=prefix
     )
