@@ -29,12 +29,15 @@ def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, st
 _get_submodules = get_submodules
 
 
-def named_modules_outside_adapters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+def named_modules_outside_adapters(
+    model: nn.Module, prefix: str = "", into_wrappers: bool = True
+) -> Iterator[tuple[str, nn.Module]]:
     """`model.named_modules()` (same order, each module once) without walking into what belongs to one adapter: the
     entries of an adapter layer's per-adapter containers (`lora_A`, `lora_dropout`, ...: the attributes its class
     names in `adapter_layer_names` / `other_param_names`) and a modules_to_save wrapper's copies. The containers
     themselves are yielded. The cost does not grow with the number of adapters loaded, which keeps adding the N-th
-    adapter as cheap as adding the first."""
+    adapter as cheap as adding the first. Without `into_wrappers`, nothing inside an `AuxiliaryTrainingWrapper` is
+    walked either (the wrapper itself is yielded)."""
     seen: set[int] = set()
     # Pre-order with an explicit stack (children pushed in reverse): the order of named_modules, without a chain of
     # generators as deep as the model.
@@ -45,7 +48,7 @@ def named_modules_outside_adapters(model: nn.Module, prefix: str = "") -> Iterat
             continue
         seen.add(id(module))
         yield name, module
-        if not walk_children:
+        if not walk_children or (not into_wrappers and isinstance(module, AuxiliaryTrainingWrapper)):
             continue
         cls = type(module)
         owned = (*getattr(cls, "adapter_layer_names", ()), *getattr(cls, "other_param_names", ()))
@@ -150,28 +153,11 @@ def check_token_indices(indices: Any, num_rows: int, owner: str) -> None:
         )
 
 
-def _is_strictly_inside(key: str, prefixes: set[str]) -> bool:
-    parts = key.split(".")
-    return any(".".join(parts[:end]) in prefixes for end in range(1, len(parts)))
-
-
-def auxiliary_wrapper_names(model: nn.Module) -> set[str]:
-    """Names of the `AuxiliaryTrainingWrapper`s in `model`."""
-    return {
-        name for name, module in named_modules_outside_adapters(model) if isinstance(module, AuxiliaryTrainingWrapper)
-    }
-
-
 def modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """`model.named_modules()` without the modules inside an `AuxiliaryTrainingWrapper` (its original module, its
     per-adapter copies or token layer) or inside the adapters' entries of adapter layers (see
     `named_modules_outside_adapters`): what adapter matching and management see."""
-    wrappers = auxiliary_wrapper_names(model)
-    return [
-        (name, module)
-        for name, module in named_modules_outside_adapters(model)
-        if not _is_strictly_inside(name, wrappers)
-    ]
+    return list(named_modules_outside_adapters(model, into_wrappers=False))
 
 
 class AuxiliaryTrainingWrapper(nn.Module):

@@ -203,10 +203,14 @@ class LoraLayer(BaseTunerLayer):
             if adapter_name not in holder:
                 continue
             item = holder[adapter_name]
-            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+            params, buffers = _tensors_of(item)
             if any(param.device.type == "meta" for param in params):
                 continue
-            if all(param.device == device and (wanted is None or param.dtype == wanted) for param in params):
+            if all(
+                t.device == device and (wanted is None or not t.is_floating_point() or t.dtype == wanted)
+                for t in (*params, *buffers)
+            ):
+                # Already in place (a second pass, e.g. the PeftModel's after the tuner's, or a reload).
                 continue
             if isinstance(item, nn.Parameter):
                 # A ParameterDict wraps a plain tensor in a new, trainable Parameter: keep requires_grad as it was.
@@ -462,6 +466,17 @@ class LoraLayer(BaseTunerLayer):
 def _initialisation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The sub-configs LoftQ and LoRA-GA initialisations read, from a layer's constructor/update_layer kwargs."""
     return {name: kwargs[name] for name in ("loftq_config", "lora_ga_config") if name in kwargs}
+
+
+def _tensors_of(item: nn.Module | nn.Parameter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(parameters, buffers) of one adapter entry; a leaf module's read from its dicts (module.parameters() costs
+    microseconds, paid for every layer of every injection)."""
+    if isinstance(item, nn.Parameter):
+        return [item], []
+    if not item._modules:
+        params = [p for p in item._parameters.values() if p is not None]
+        return params, [b for b in item._buffers.values() if b is not None]
+    return list(item.parameters()), list(item.buffers())
 
 
 def _row_mask(rows: torch.Tensor, dim: int) -> torch.Tensor:
