@@ -465,12 +465,12 @@ class BaseTuner(nn.Module):
     ) -> None:
         super().__init__()
         check_adapter_name(adapter_name)
-        # A model that holds adapters already shares its peft_config dict with this tuner: undo the entry on failure.
-        rollback = ModuleTreeRollback(model)
         self.model = model
         self.targeted_module_names: list[str] = []
         self.targeted_parameter_names: list[str] = []
-        try:
+        # A model that holds adapters already shares its peft_config dict with this tuner: undo the entry on failure.
+        # Recorded once, for this tuner and the model: inject_adapter's own record is then skipped.
+        with ModuleTreeRollback.guarding(self):
             if not hasattr(self, "peft_config"):
                 self.peft_config = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
             else:
@@ -479,10 +479,7 @@ class BaseTuner(nn.Module):
                 else:
                     self.peft_config[adapter_name] = peft_config
             self.active_adapter: str | list[str] = adapter_name
-            self._first_injection(adapter_name, low_cpu_mem_usage)
-        except Exception:
-            rollback.restore()
-            raise
+            self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         self.model.peft_config = self.peft_config
 
     def __getattr__(self, name: str) -> Any:
@@ -708,21 +705,6 @@ class BaseTuner(nn.Module):
                 step()
             raise
         _warn_unmatched_patterns(model, self.peft_config[adapter_name], adapter_name)
-
-    def _first_injection(self, adapter_name: str, low_cpu_mem_usage: bool) -> None:
-        # `inject_adapter` for `__init__`, which records the model for rollback itself (the tuner being built needs
-        # none): one record of a large model instead of two.
-        if type(self).inject_adapter is not BaseTuner.inject_adapter:
-            self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-            return
-        undo: list[Callable[[], None]] = []
-        try:
-            self._inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, undo=undo)
-        except Exception:
-            for step in undo:
-                step()
-            raise
-        _warn_unmatched_patterns(self.model, self.peft_config[adapter_name], adapter_name)
 
     def _inject_adapter(
         self, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool, undo: list[Callable[[], None]]
