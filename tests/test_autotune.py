@@ -342,7 +342,7 @@ def test_dequantize_and_multi_adapter_fall_back_in_auto_and_raise_by_name(cache_
         2,
     )
     with ops.use_backend("auto"), pytest.warns(RuntimeWarning, match="'lora_multi_adapter'"):
-        ops._lora_multi_adapter_triton(y, x, *args)
+        ops.multi_adapter.lora_multi_adapter_triton(y, x, *args)
     assert_close(y, ops.reference.lora_multi_adapter(torch.zeros(4, 6, device=DEVICE), x, *args), kind="kernel")
     with ops.use_backend("triton"), pytest.raises(Exception, match="out of resource"):
-        ops._lora_multi_adapter_triton(y, x, *args)
+        ops.multi_adapter.lora_multi_adapter_triton(y, x, *args)

@@ -185,14 +185,20 @@ def test_prompt_learning_training(config):
 
 @pytest.mark.cpu_kernels
 def test_triton_backend_training_and_mixed_batch():
-    """The kernels' custom ops (fused LoRA forward/backward, SGMV) trace as single nodes. Dropout > 0 on this
-    backend takes its seed from the host (`Tensor.item()`), a graph break until the seed enters as a tensor."""
-    model = _lora_model()
-    model.set_adapter("a")
+    """The kernels' custom ops (fused LoRA forward/backward with the dropout seeds as tensors, SGMV) trace as single
+    nodes: two active adapters, one with dropout, then a mixed batch. No lora_B bias: the fused kernels take none
+    (and a backend asked for by name that can't serve a call raises)."""
+    model = peftfast.get_peft_model(
+        _llama(), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False), adapter_name="a"
+    )
+    model.add_adapter("b", LoraConfig(r=6, lora_dropout=0.25, target_modules=TARGETS, init_lora_weights=False))
+    model.set_adapter(["a", "b"])
     with ops.use_backend("triton"):
         _check_training(model)
+        assert ops.last_backend("lora_linear") == "triton"
         torch._dynamo.reset()
         _check_eval(model, adapter_names=NAMES)
+        assert ops.last_backend("lora_multi_adapter") == "triton"
 
 
 # A decode step: the model's forward compiled by `generate` itself (transformers compiles the decode steps of a
