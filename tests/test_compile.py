@@ -249,27 +249,38 @@ def test_compiled_decode_step_never_recompiles_across_steps_and_adapter_assignme
 
 
 @pytest.mark.gpu
-def test_reduce_overhead_decode_on_gpu_matches_eager():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-torch-path", "bf16-sgmv-kernels"])
+def test_reduce_overhead_decode_on_gpu_matches_eager(dtype):
     """CUDA graphs (mode="reduce-overhead"): the decode step of a mixed-adapter static-cache generate, captured once,
-    gives eager's tokens for several assignments of adapters to rows; the row tensor and token layout are inputs and
-    in-graph data, and the adapters are packed inside the graph, so a replay reads the live weights."""
+    gives eager's results for several assignments of adapters to rows, and after a write into an adapter's weight
+    (the adapters are packed inside the graph, so a replay reads the live weights). fp32 activations run the torch
+    tile formulation, bf16 ones the SGMV kernels; fp32 compares the tokens, bf16 the scores of the first decode step
+    (the compiled base matmuls round differently, which can flip a near-tie later on)."""
     from transformers import CompileConfig
 
-    model = _lora_model(base=_llama().cuda()).cuda().eval()
+    model = _lora_model(base=_llama().to("cuda", dtype)).to("cuda").eval()
     config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
-    for names in (NAMES, ["b", "a", "a", "b"], ["__base__", "b", "__base__", "a"]):
+    settings = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
+
+    def check(names):
         ids = _ids(len(names)).cuda()
-        settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
         with torch.no_grad():
-            expected = model.generate(input_ids=ids, adapter_names=names, disable_compile=True, **settings)
-            got = model.generate(input_ids=ids, adapter_names=names, compile_config=config, **settings)
-        assert torch.equal(got, expected), names
+            if dtype == torch.float32:
+                expected = model.generate(
+                    input_ids=ids, adapter_names=names, disable_compile=True, max_new_tokens=6, **settings
+                )
+                got = model.generate(
+                    input_ids=ids, adapter_names=names, compile_config=config, max_new_tokens=6, **settings
+                )
+                assert torch.equal(got, expected), names
+                return
+            scores = dict(max_new_tokens=2, output_scores=True, return_dict_in_generate=True, **settings)
+            expected = model.generate(input_ids=ids, adapter_names=names, disable_compile=True, **scores).scores[1]
+            got = model.generate(input_ids=ids, adapter_names=names, compile_config=config, **scores).scores[1]
+            assert_close(got.float(), expected.float(), kind="kernel", dtype=torch.bfloat16)
+
+    for names in (NAMES, ["b", "a", "a", "b"], ["__base__", "b", "__base__", "a"]):
+        check(names)
     with torch.no_grad():
-        layer = model.base_model.model.model.layers[0].self_attn.q_proj
-        layer.lora_B["a"].weight.mul_(4.0)
-        names = ["a"] * 4
-        ids = _ids(4).cuda()
-        settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
-        expected = model.generate(input_ids=ids, adapter_names=names, disable_compile=True, **settings)
-        got = model.generate(input_ids=ids, adapter_names=names, compile_config=config, **settings)
-    assert torch.equal(got, expected)
+        model.base_model.model.model.layers[0].self_attn.v_proj.lora_B["a"].weight.mul_(4.0)
+    check(["a"] * 4)
