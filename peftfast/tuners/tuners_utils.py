@@ -277,6 +277,18 @@ def _model_type(model: nn.Module) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
 
 
+def set_entry_requires_grad(item: nn.Module | torch.Tensor, requires_grad: bool) -> None:
+    """`item.requires_grad_(requires_grad)` for one adapter entry (a module or a parameter). A leaf module's own
+    parameters are set directly, and only where the flag changes: `nn.Module.requires_grad_` walks `parameters()`,
+    microseconds per entry, paid for every layer of every injection and `set_adapter`."""
+    if isinstance(item, nn.Module) and not item._modules and type(item).requires_grad_ is nn.Module.requires_grad_:
+        for param in item._parameters.values():
+            if param is not None and param.requires_grad != requires_grad:
+                param.requires_grad_(requires_grad)
+        return
+    item.requires_grad_(requires_grad)
+
+
 class BaseTunerLayer:
     """Per-layer adapter bookkeeping shared by every method's layers (mixed into an `nn.Module`).
 
@@ -356,7 +368,7 @@ class BaseTunerLayer:
             adapter_names = [adapter_names]
         for holder in self._adapter_holders():
             for name, item in holder.items():
-                item.requires_grad_(name in adapter_names and not inference_mode)
+                set_entry_requires_grad(item, name in adapter_names and not inference_mode)
         self._active_adapter = adapter_names if len(adapter_names) != 1 else adapter_names[0]
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
@@ -761,9 +773,12 @@ class BaseTuner(nn.Module):
             )
         elif targets and not matched:
             warnings.warn(f"target_modules={targets} were set but no module was matched.", RuntimeWarning, stacklevel=4)
+        # Parents and targets looked up in the walk (get_submodule per key walks the path from the root twice); every
+        # matched key is a name of the walk, and nothing has been replaced yet.
+        by_name = dict(walked)
         for key in matched:
-            parent, target, target_name = get_submodules(model, key)
-            replacements.append((key, parent, target, target_name))
+            parent_name, _, target_name = key.rpartition(".")
+            replacements.append((key, by_name[parent_name], by_name[key], target_name))
         tuner_layers = [module for _, module in walked if isinstance(module, BaseTunerLayer)]
         # As HF PEFT: adding an adapter next to others leaves the trainability of every parameter already there as it
         # was (other adapters' weights are not touched at all); only the first injection freezes the base model.
@@ -819,7 +834,7 @@ class BaseTuner(nn.Module):
                 continue
             for holder in layer._adapter_holders():
                 if adapter_name in holder:
-                    holder[adapter_name].requires_grad_(trainable)
+                    set_entry_requires_grad(holder[adapter_name], trainable)
 
     def _tuner_layers(self) -> Iterable[BaseTunerLayer]:
         """Every adapter layer, those inside auxiliary wrappers too (they merge like the others)."""

@@ -48,16 +48,19 @@ def named_modules_outside_adapters(
             continue
         seen.add(id(module))
         yield name, module
-        if not walk_children or (not into_wrappers and isinstance(module, AuxiliaryTrainingWrapper)):
+        children = module._modules
+        if not children or not walk_children:
+            continue
+        if not into_wrappers and isinstance(module, AuxiliaryTrainingWrapper):
             continue
         cls = type(module)
         owned = (*getattr(cls, "adapter_layer_names", ()), *getattr(cls, "other_param_names", ()))
-        children = [
-            (f"{name}.{child_name}" if name else child_name, child, child_name not in owned)
-            for child_name, child in module._modules.items()
+        dotted = f"{name}." if name else ""
+        stack.extend(
+            (dotted + child_name, child, child_name not in owned)
+            for child_name, child in reversed(children.items())
             if child is not None
-        ]
-        stack.extend(reversed(children))
+        )
 
 
 def infer_device() -> str:

@@ -17,7 +17,7 @@ from torch import nn
 from ... import ops
 from ...utils.constants import UPCAST_DTYPES
 from ...utils.mixed_batch import AdapterRowGroups, MixedBatch, MixedBatchSource
-from ..tuners_utils import BaseTunerLayer
+from ..tuners_utils import BaseTunerLayer, set_entry_requires_grad
 from . import dora
 from . import init as lora_init
 from .alora import AloraOffsets, token_mask_for
@@ -75,30 +75,39 @@ class LoraLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict({})
         self.lora_A = nn.ModuleDict({})
         self.lora_B = nn.ModuleDict({})
         self.lora_embedding_A = nn.ParameterDict({})
         self.lora_embedding_B = nn.ParameterDict({})
         self.lora_magnitude_vector = nn.ModuleDict({})
-        self.use_rslora: dict[str, bool] = {}
-        self.lora_bias: dict[str, bool] = {}
-        # aLoRA adapters (alora_invocation_tokens set): they act only where the call's aLoRA offsets say.
-        self.use_alora: dict[str, bool] = {}
-        self.use_dora: dict[str, bool] = {}
-        # HF PEFT's runtime option: compute DoRA's initial norms on a GPU while the adapter weights are on the CPU.
-        self.ephemeral_gpu_offload = ephemeral_gpu_offload
-        self._disable_adapters = False
-        self.merged_adapters = []
-        # False inside `peftfast.helpers.disable_input_dtype_casting`: the LoRA branch then takes x in its own dtype.
-        self.cast_input_dtype_enabled = True
-        # Backend ("torch", "triton", ...) the latest forward of this layer's LoRA term ran on; None before any.
-        self.last_backend: str | None = None
-        self.kwargs = kwargs
-        self.in_features, self.out_features = _features(base_layer)
+        in_features, out_features = _features(base_layer)
+        plain = {
+            "r": {},
+            "lora_alpha": {},
+            "scaling": {},
+            "use_rslora": {},
+            "lora_bias": {},
+            # aLoRA adapters (alora_invocation_tokens set): they act only where the call's aLoRA offsets say.
+            "use_alora": {},
+            "use_dora": {},
+            # HF PEFT's runtime option: compute DoRA's initial norms on a GPU while the adapter weights are on the CPU.
+            "ephemeral_gpu_offload": ephemeral_gpu_offload,
+            "_disable_adapters": False,
+            "merged_adapters": [],
+            # False inside `peftfast.helpers.disable_input_dtype_casting`: the LoRA branch then takes x in its own
+            # dtype.
+            "cast_input_dtype_enabled": True,
+            # Backend ("torch", "triton", ...) the latest forward of this layer's LoRA term ran on; None before any.
+            "last_backend": None,
+            "kwargs": kwargs,
+            "in_features": in_features,
+            "out_features": out_features,
+        }
+        # Past nn.Module.__setattr__ (a microsecond per attribute, for every layer of every injection): none of these
+        # names is a parameter, buffer or submodule; object.__setattr__ still honours a subclass's property.
+        for name, value in plain.items():
+            object.__setattr__(self, name, value)
 
     def dora_cache(self) -> dora.DoraCache:
         """The weight norms this layer's DoRA adapters reuse (created on first use, not saved)."""
@@ -107,8 +116,9 @@ class LoraLayer(BaseTunerLayer):
             cache = self.__dict__["_dora_cache"] = dora.DoraCache()
         return cache
 
-    def _set_dora(self, adapter_name: str, use_dora: bool, module: dora.DoraLinearLayer) -> None:
-        """Give `adapter_name` its DoRA magnitude (initialised to the weight norms), or drop a stale one."""
+    def _set_dora(self, adapter_name: str, use_dora: bool, module: dora.DoraLinearLayer | None) -> None:
+        """Give `adapter_name` its DoRA magnitude `module` (initialised to the weight norms), or drop a stale one
+        (`module` is None where `use_dora` is False: a plain LoRA adapter doesn't pay for building one)."""
         self.use_dora[adapter_name] = use_dora
         self.dora_cache().clear()
         if use_dora:
@@ -225,7 +235,7 @@ class LoraLayer(BaseTunerLayer):
         trainable = adapter_name in self.active_adapters
         for holder in self._adapter_holders():
             if adapter_name in holder:
-                holder[adapter_name].requires_grad_(trainable)
+                set_entry_requires_grad(holder[adapter_name], trainable)
 
     def _initial_scaling(self, adapter: str) -> float:
         rank = math.sqrt(self.r[adapter]) if self.use_rslora.get(adapter, False) else self.r[adapter]
@@ -479,6 +489,45 @@ def _tensors_of(item: nn.Module | nn.Parameter) -> tuple[list[torch.Tensor], lis
     return list(item.parameters()), list(item.buffers())
 
 
+# What `_new_linear` checks it may bypass: torch's own constructor and registration, with no hooks on them.
+_TORCH_LINEAR_INIT = nn.Linear.__init__
+_TORCH_REGISTER_PARAMETER = nn.Module.register_parameter
+_module_globals = nn.modules.module
+
+
+def _kaiming_uniform_bound(fan_in: int) -> float:
+    """The bound of `nn.init.kaiming_uniform_(w, a=math.sqrt(5))` for `fan_in`, computed as torch computes it (so the
+    draws are bit-identical)."""
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+    return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+
+
+def _new_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """`nn.Linear(in_features, out_features, bias)`, with the same parameters and the same random draws (in the same
+    order) from the default generator, built without the per-call overhead of the generic constructor and of
+    `nn.init` (half the cost of an adapter entry). Where something could hook into the construction (a patched
+    constructor or `register_parameter`, e.g. an empty-weights context, or global registration hooks) or a size is 0,
+    torch's constructor runs."""
+    if (
+        nn.Linear.__init__ is not _TORCH_LINEAR_INIT
+        or nn.Module.register_parameter is not _TORCH_REGISTER_PARAMETER
+        or _module_globals._global_parameter_registration_hooks
+        or _module_globals._global_module_registration_hooks
+        or in_features <= 0
+        or out_features <= 0
+    ):
+        return nn.Linear(in_features, out_features, bias=bias)
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    bound = _kaiming_uniform_bound(in_features)
+    parameters = layer._parameters
+    parameters["weight"] = nn.Parameter(torch.empty((out_features, in_features)).uniform_(-bound, bound))
+    bias_bound = 1 / math.sqrt(in_features)
+    parameters["bias"] = nn.Parameter(torch.empty(out_features).uniform_(-bias_bound, bias_bound)) if bias else None
+    return layer
+
+
 def _row_mask(rows: torch.Tensor, dim: int) -> torch.Tensor:
     """A [rows] bool mask shaped to broadcast over a [rows, ...] tensor of `dim` dimensions."""
     return rows.reshape(-1, *([1] * (dim - 1)))
@@ -564,13 +613,14 @@ class Linear(nn.Module, LoraLayer):
         self._check_rank(r)
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self._set_dropout(adapter_name, lora_dropout)
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+        self.lora_A[adapter_name] = _new_linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = _new_linear(r, self.out_features, bias=lora_bias)
         self.lora_bias[adapter_name] = lora_bias
         self.use_alora[adapter_name] = use_alora
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
-        self._set_dora(adapter_name, use_dora, dora.DoraLinearLayer(fan_in_fan_out=self.fan_in_fan_out))
+        magnitude = dora.DoraLinearLayer(fan_in_fan_out=self.fan_in_fan_out) if use_dora else None
+        self._set_dora(adapter_name, use_dora, magnitude)
         self._activate_added_adapter(adapter_name)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
@@ -859,7 +909,7 @@ class Embedding(nn.Module, LoraLayer):
         self.lora_bias[adapter_name] = lora_bias
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
-        self._set_dora(adapter_name, use_dora, dora.DoraEmbeddingLayer(fan_in_fan_out=True))
+        self._set_dora(adapter_name, use_dora, dora.DoraEmbeddingLayer(fan_in_fan_out=True) if use_dora else None)
         self._activate_added_adapter(adapter_name)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -988,7 +1038,7 @@ class _ConvNd(nn.Module, LoraLayer):
         self.lora_bias[adapter_name] = lora_bias
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
-        self._set_dora(adapter_name, use_dora, _DORA_CONV_LAYERS[self._kernel_dim]())
+        self._set_dora(adapter_name, use_dora, _DORA_CONV_LAYERS[self._kernel_dim]() if use_dora else None)
         self._activate_added_adapter(adapter_name)
 
     def _conv(self, input: torch.Tensor, weight: torch.Tensor, **options: Any) -> torch.Tensor:
