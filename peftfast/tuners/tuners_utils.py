@@ -277,6 +277,20 @@ def _model_type(model: nn.Module) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
 
 
+def _parameter_ids(holder: nn.Module | torch.Tensor) -> set[int]:
+    """The ids of `holder.parameters()` (a tensor: its own), collected from the modules' dicts (`parameters()` costs
+    microseconds per call, paid for every holder of every layer)."""
+    if not isinstance(holder, nn.Module):
+        return {id(holder)}
+    ids: set[int] = set()
+    stack = [holder]
+    while stack:
+        module = stack.pop()
+        ids.update(id(param) for param in module._parameters.values() if param is not None)
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return ids
+
+
 def set_entry_requires_grad(item: nn.Module | torch.Tensor, requires_grad: bool) -> None:
     """`item.requires_grad_(requires_grad)` for one adapter entry (a module or a parameter). A leaf module's own
     parameters are set directly, and only where the flag changes: `nn.Module.requires_grad_` walks `parameters()`,
@@ -561,10 +575,10 @@ class BaseTuner(nn.Module):
         for module in walked:
             if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
                 for holder in module._adapter_holders():
-                    adapter_params.update(id(param) for param in holder.parameters())
+                    adapter_params.update(_parameter_ids(holder))
         for module in walked:
             for param in module._parameters.values():
-                if param is not None and id(param) not in adapter_params:
+                if param is not None and param.requires_grad and id(param) not in adapter_params:
                     param.requires_grad_(False)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -805,14 +819,20 @@ class BaseTuner(nn.Module):
         self.targeted_parameter_names.extend(
             key for _, _, key in parameters if key not in self.targeted_parameter_names
         )
-        if not tuner_layers or parameters or any(module.merged for module in tuner_layers):
+        wrapped_before = not tuner_layers and any(isinstance(module, AuxiliaryTrainingWrapper) for _, module in walked)
+        if parameters or wrapped_before or any(module.merged for module in tuner_layers):
             # A layer created for this adapter starts with it active: make every layer follow the tuner's active
             # adapters (a new adapter is inactive unless it is the first one; merged layers get unmerged, as in HF
             # PEFT) and freeze whatever is not active.
             self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
             self._mark_only_adapters_as_trainable(model)
         else:
+            # Only the layers this injection made or changed can differ from the tuner's active adapters (on the
+            # first injection they are all the adapter layers there are): no walk of the whole model to find them.
             self._activate_injected(replacements, model, adapter_name, config.inference_mode)
+            if not tuner_layers:
+                # The first injection freezes the base model.
+                self._mark_only_adapters_as_trainable(model)
         set_additional_trainable_modules(
             model, config, adapter_name, activate_adapter=adapter_name in self.active_adapters
         )
@@ -825,8 +845,10 @@ class BaseTuner(nn.Module):
         weights train if it is active (and not `inference_mode`)."""
         active = self.active_adapters
         trainable = adapter_name in active and not inference_mode
-        for key, _, target, _ in replacements:
-            layer = model.get_submodule(key)
+        for _, parent, target, target_name in replacements:
+            # What is now at the target's place (read from its parent: a nested target's path from the root may run
+            # through a layer that wrapped its parent).
+            layer = parent._modules.get(target_name)
             if not isinstance(layer, BaseTunerLayer):
                 continue
             if layer is not target:
