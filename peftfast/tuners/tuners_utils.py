@@ -32,6 +32,7 @@ from ..utils.other import (
     init_empty_weights,
     input_embeddings_name,
     module_names_tied_with_embedding,
+    modules_outside_adapters,
     modules_outside_wrappers,
     named_modules_outside_adapters,
     set_additional_trainable_modules,
@@ -570,7 +571,7 @@ class BaseTuner(nn.Module):
         their requires_grad is left to set_adapter)."""
         # Every parameter outside adapters' entries belongs to a module of the walk (a ParameterDict holder's own
         # parameters are adapter weights, hence the id set).
-        walked = [module for _, module in named_modules_outside_adapters(model)]
+        walked = modules_outside_adapters(model)
         adapter_params: set[int] = set()
         for module in walked:
             if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
@@ -584,7 +585,7 @@ class BaseTuner(nn.Module):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Put `adapter_name`'s weights on their base layers' devices and dtypes, except that with
         `autocast_adapter_dtype` the weights of an fp16/bf16 layer are kept in fp32 (HF PEFT's rule)."""
-        for _, module in named_modules_outside_adapters(self.model):
+        for module in modules_outside_adapters(self.model):
             if isinstance(module, BaseTunerLayer) and hasattr(module, "_move_adapter_to_base"):
                 module._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
 
@@ -801,7 +802,7 @@ class BaseTuner(nn.Module):
             # Parameters outside adapters' entries, read directly (module.parameters() costs microseconds per call),
             # and what auxiliary wrappers hold (their set_adapter touches every copy).
             params = {}
-            for _, module in named_modules_outside_adapters(model):
+            for module in modules_outside_adapters(model):
                 params.update((id(p), p) for p in module._parameters.values() if p is not None)
                 if isinstance(module, AuxiliaryTrainingWrapper):
                     params.update((id(p), p) for p in module.parameters())
@@ -860,9 +861,7 @@ class BaseTuner(nn.Module):
 
     def _tuner_layers(self) -> Iterable[BaseTunerLayer]:
         """Every adapter layer, those inside auxiliary wrappers too (they merge like the others)."""
-        return (
-            module for _, module in named_modules_outside_adapters(self.model) if isinstance(module, BaseTunerLayer)
-        )
+        return (module for module in modules_outside_adapters(self.model) if isinstance(module, BaseTunerLayer))
 
     def _adapter_modules(self) -> list[BaseTunerLayer | AuxiliaryTrainingWrapper]:
         """The adapter layers and auxiliary wrappers whose adapters the tuner manages; a layer inside a wrapper is the

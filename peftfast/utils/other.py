@@ -63,6 +63,32 @@ def named_modules_outside_adapters(
         )
 
 
+def modules_outside_adapters(model: nn.Module, into_wrappers: bool = True) -> list[nn.Module]:
+    """The modules of `named_modules_outside_adapters(model, into_wrappers=into_wrappers)`, in its order, without
+    their names: the walk for what needs no names (freezing, casting, rollback records), which runs after every
+    injection, costs half as much without building them."""
+    seen: set[int] = set()
+    walked: list[nn.Module] = []
+    stack: list[tuple[nn.Module, bool]] = [(model, True)]
+    while stack:
+        module, walk_children = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        walked.append(module)
+        children = module._modules
+        if not children or not walk_children:
+            continue
+        if not into_wrappers and isinstance(module, AuxiliaryTrainingWrapper):
+            continue
+        cls = type(module)
+        owned = (*getattr(cls, "adapter_layer_names", ()), *getattr(cls, "other_param_names", ()))
+        stack.extend(
+            (child, child_name not in owned) for child_name, child in reversed(children.items()) if child is not None
+        )
+    return walked
+
+
 def infer_device() -> str:
     """The device type to put work on, in HF PEFT's order of preference: "cuda", "mps", "mlu", "xpu", "npu", else
     "cpu"."""

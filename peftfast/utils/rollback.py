@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from .other import named_modules_outside_adapters
+from .other import modules_outside_adapters
 
 # Containers whose contents are copied (and restored in place), rather than only the reference to them.
 _CONTAINERS = (dict, list, set)
@@ -43,7 +43,7 @@ class ModuleTreeRollback:
         if guarded is not None and all(id(model) in guarded for model in models):
             # An enclosing `guarding` block restores these trees (a superset of what this record would restore).
             return
-        walked = (module for model in models for _, module in named_modules_outside_adapters(model))
+        walked = (module for model in models for module in modules_outside_adapters(model))
         modules = list({id(module): module for module in walked}.values())
         empty = self._empty_containers
         for module in modules:

@@ -74,13 +74,15 @@ class LoraLayer(BaseTunerLayer):
     )
 
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs: Any) -> None:
-        self.base_layer = base_layer
-        self.lora_dropout = nn.ModuleDict({})
-        self.lora_A = nn.ModuleDict({})
-        self.lora_B = nn.ModuleDict({})
-        self.lora_embedding_A = nn.ParameterDict({})
-        self.lora_embedding_B = nn.ParameterDict({})
-        self.lora_magnitude_vector = nn.ModuleDict({})
+        children = {
+            "base_layer": base_layer,
+            "lora_dropout": nn.ModuleDict({}),
+            "lora_A": nn.ModuleDict({}),
+            "lora_B": nn.ModuleDict({}),
+            "lora_embedding_A": nn.ParameterDict({}),
+            "lora_embedding_B": nn.ParameterDict({}),
+            "lora_magnitude_vector": nn.ModuleDict({}),
+        }
         in_features, out_features = _features(base_layer)
         plain = {
             "r": {},
@@ -104,10 +106,7 @@ class LoraLayer(BaseTunerLayer):
             "in_features": in_features,
             "out_features": out_features,
         }
-        # Past nn.Module.__setattr__ (a microsecond per attribute, for every layer of every injection): none of these
-        # names is a parameter, buffer or submodule; object.__setattr__ still honours a subclass's property.
-        for name, value in plain.items():
-            object.__setattr__(self, name, value)
+        set_new_attributes(self, children, plain)
 
     def dora_cache(self) -> dora.DoraCache:
         """The weight norms this layer's DoRA adapters reuse (created on first use, not saved)."""
@@ -495,6 +494,20 @@ _TORCH_REGISTER_PARAMETER = nn.Module.register_parameter
 _module_globals = nn.modules.module
 
 
+def set_new_attributes(module: nn.Module, children: dict[str, nn.Module], plain: dict[str, Any]) -> None:
+    """`setattr(module, name, value)` for the submodules and plain values of a module under construction, past
+    nn.Module.__setattr__ (a microsecond an attribute, some 20 per layer of every injection), which only checks for
+    a parameter, buffer or submodule of the same name, and none is registered yet. Global module-registration hooks,
+    where someone installed some, still see the submodules; object.__setattr__ still honours a subclass's property."""
+    if _module_globals._global_module_registration_hooks:
+        for name, child in children.items():
+            setattr(module, name, child)
+    else:
+        module._modules.update(children)
+    for name, value in plain.items():
+        object.__setattr__(module, name, value)
+
+
 def _kaiming_uniform_bound(fan_in: int) -> float:
     """The bound of `nn.init.kaiming_uniform_(w, a=math.sqrt(5))` for `fan_in`, computed as torch computes it (so the
     draws are bit-identical)."""
@@ -519,7 +532,7 @@ def _new_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
         return nn.Linear(in_features, out_features, bias=bias)
     layer = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(layer)
-    layer.in_features, layer.out_features = in_features, out_features
+    set_new_attributes(layer, {}, {"in_features": in_features, "out_features": out_features})
     bound = _kaiming_uniform_bound(in_features)
     parameters = layer._parameters
     parameters["weight"] = nn.Parameter(torch.empty((out_features, in_features)).uniform_(-bound, bound))
@@ -579,9 +592,15 @@ class Linear(nn.Module, LoraLayer):
     ) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, ephemeral_gpu_offload=ephemeral_gpu_offload, **kwargs)
-        self.fan_in_fan_out = fan_in_fan_out
-        self.is_target_conv_1d_layer = is_target_conv_1d_layer
-        self._active_adapter = adapter_name
+        set_new_attributes(
+            self,
+            {},
+            {
+                "fan_in_fan_out": fan_in_fan_out,
+                "is_target_conv_1d_layer": is_target_conv_1d_layer,
+                "_active_adapter": adapter_name,
+            },
+        )
         self.update_layer(
             adapter_name,
             r,
