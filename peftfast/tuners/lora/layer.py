@@ -213,13 +213,9 @@ class LoraLayer(BaseTunerLayer):
                 continue
             item = holder[adapter_name]
             params, buffers = _tensors_of(item)
-            if any(param.device.type == "meta" for param in params):
-                continue
-            if all(
-                t.device == device and (wanted is None or not t.is_floating_point() or t.dtype == wanted)
-                for t in (*params, *buffers)
-            ):
-                # Already in place (a second pass, e.g. the PeftModel's after the tuner's, or a reload).
+            if _on_meta(params) or (_in_place(params, device, wanted) and _in_place(buffers, device, wanted)):
+                # Not loaded yet, or already in place (a second pass, e.g. the PeftModel's after the tuner's, or a
+                # reload).
                 continue
             if isinstance(item, nn.Parameter):
                 # A ParameterDict wraps a plain tensor in a new, trainable Parameter: keep requires_grad as it was.
@@ -539,6 +535,21 @@ def _new_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     bias_bound = 1 / math.sqrt(in_features)
     parameters["bias"] = nn.Parameter(torch.empty(out_features).uniform_(-bias_bound, bias_bound)) if bias else None
     return layer
+
+
+def _on_meta(tensors: list[torch.Tensor]) -> bool:
+    for tensor in tensors:
+        if tensor.device.type == "meta":
+            return True
+    return False
+
+
+def _in_place(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether `tensors` are on `device` and, where floating point, of `dtype` (any dtype when it is None)."""
+    for tensor in tensors:
+        if tensor.device != device or dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
+            return False
+    return True
 
 
 def _row_mask(rows: torch.Tensor, dim: int) -> torch.Tensor:
