@@ -128,7 +128,7 @@ def test_new_linear_is_nn_linear_with_the_same_draws():
         assert torch.equal(after_ours, after_theirs)
 
 
-def test_new_linear_leaves_construction_to_torch_where_a_hook_watches_it():
+def test_new_linear_leaves_construction_to_torch_where_a_hook_watches_it(monkeypatch):
     seen = []
     handle = torch.nn.modules.module.register_module_parameter_registration_hook(
         lambda module, name, param: seen.append(name)
@@ -140,6 +140,9 @@ def test_new_linear_leaves_construction_to_torch_where_a_hook_watches_it():
     assert seen == ["weight", "bias"] and layer.weight.shape == (3, 5)
     with init_empty_weights():
         assert _new_linear(5, 3, False).weight.device.type == "meta"
+    # An initialiser swapped out (transformers' no_init_weights does that) is the one that runs.
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda tensor, **kwargs: tensor.data.fill_(7.0))
+    assert torch.equal(_new_linear(5, 3, False).weight, torch.full((3, 5), 7.0))
 
 
 def test_rollback_empties_again_what_was_empty_and_refills_the_rest():

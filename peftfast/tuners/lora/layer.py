@@ -484,8 +484,11 @@ def _tensors_of(item: nn.Module | nn.Parameter) -> tuple[list[torch.Tensor], lis
     return list(item.parameters()), list(item.buffers())
 
 
-# What `_new_linear` checks it may bypass: torch's own constructor and registration, with no hooks on them.
+# What `_new_linear` checks it may bypass: torch's own constructor, initialisation and registration (e.g.
+# transformers' no_init_weights swaps nn.init's functions), with no hooks on them.
 _TORCH_LINEAR_INIT = nn.Linear.__init__
+_TORCH_LINEAR_RESET = nn.Linear.reset_parameters
+_TORCH_INITS = (nn.init.kaiming_uniform_, nn.init.uniform_)
 _TORCH_REGISTER_PARAMETER = nn.Module.register_parameter
 _module_globals = nn.modules.module
 
@@ -515,10 +518,12 @@ def _new_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     """`nn.Linear(in_features, out_features, bias)`, with the same parameters and the same random draws (in the same
     order) from the default generator, built without the per-call overhead of the generic constructor and of
     `nn.init` (half the cost of an adapter entry). Where something could hook into the construction (a patched
-    constructor or `register_parameter`, e.g. an empty-weights context, or global registration hooks) or a size is 0,
-    torch's constructor runs."""
+    constructor, initialiser or `register_parameter`, e.g. an empty-weights context, or global registration hooks) or
+    a size is 0, torch's constructor runs."""
     if (
         nn.Linear.__init__ is not _TORCH_LINEAR_INIT
+        or nn.Linear.reset_parameters is not _TORCH_LINEAR_RESET
+        or (nn.init.kaiming_uniform_, nn.init.uniform_) != _TORCH_INITS
         or nn.Module.register_parameter is not _TORCH_REGISTER_PARAMETER
         or _module_globals._global_parameter_registration_hooks
         or _module_globals._global_module_registration_hooks
