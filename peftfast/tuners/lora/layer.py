@@ -76,12 +76,12 @@ class LoraLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs: Any) -> None:
         children = {
             "base_layer": base_layer,
-            "lora_dropout": nn.ModuleDict({}),
-            "lora_A": nn.ModuleDict({}),
-            "lora_B": nn.ModuleDict({}),
-            "lora_embedding_A": nn.ParameterDict({}),
-            "lora_embedding_B": nn.ParameterDict({}),
-            "lora_magnitude_vector": nn.ModuleDict({}),
+            "lora_dropout": nn.ModuleDict(),
+            "lora_A": nn.ModuleDict(),
+            "lora_B": nn.ModuleDict(),
+            "lora_embedding_A": nn.ParameterDict(),
+            "lora_embedding_B": nn.ParameterDict(),
+            "lora_magnitude_vector": nn.ModuleDict(),
         }
         in_features, out_features = _features(base_layer)
         plain = {
