@@ -251,3 +251,19 @@ def test_import_without_bitsandbytes_and_a_clear_error_when_targeting_its_layers
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ERROR" in result.stdout and "pip install bitsandbytes" in result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["nf4-bf16storage-bf16", "nf4-nested-fp32"])
+def test_fresh_adapters_equal_hf_peft_for_the_same_seed(fmt):
+    # Under autocast_adapter_dtype HF PEFT rounds a new adapter through the layer's compute_dtype before upcasting.
+    def run(lib):
+        base = _quantized_llama(**FORMATS[fmt])
+        torch.manual_seed(3)
+        model = lib.get_peft_model(base, lib.LoraConfig(**_config()))
+        return {name: param.detach() for name, param in model.named_parameters() if "lora_" in name}
+
+    ours, theirs = run(peftfast), run(peft)
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype == torch.float32, name
+        assert torch.equal(ours[name], value), name

@@ -715,6 +715,29 @@ def test_half_precision_base_matches_peft(llama_dir, dtype, autocast):
     assert_close(ours.float(), theirs.float(), dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_fresh_adapters_on_a_half_precision_base_equal_peft_for_the_same_seed(dtype, autocast, init):
+    # HF PEFT initialises in fp32, casts to the base dtype, then upcasts under autocast_adapter_dtype: the fp32
+    # adapter holds base-dtype values, and peftfast's must be the same numbers, not a closer fp32 draw.
+    def run(lib):
+        torch.manual_seed(0)
+        base = tiny_llama().to(dtype)
+        torch.manual_seed(1)
+        config = lib.LoraConfig(r=3, target_modules=["q_proj", "down_proj", "embed_tokens"], init_lora_weights=init)
+        model = lib.get_peft_model(base, config, autocast_adapter_dtype=autocast)
+        model.add_adapter("second", lib.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=init))
+        return {name: param.detach() for name, param in model.named_parameters() if "lora_" in name}
+
+    ours, theirs = run(peftfast), run(peft)
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype, name
+        assert torch.equal(ours[name], value), name
+    assert {value.dtype for name, value in ours.items() if ".default" in name} == {torch.float32 if autocast else dtype}
+
+
 def test_add_adapter_autocast_choice_matches_peft():
     def run(lib):
         torch.manual_seed(0)

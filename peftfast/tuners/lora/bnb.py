@@ -146,17 +146,21 @@ class Linear4bit(_QuantizedLinear):
 
     _kind = "4-bit"
 
-    def _move_adapter_to_base(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+    def _move_adapter_to_base(self, adapter_name: str, autocast_adapter_dtype: bool, fresh: bool = False) -> None:
         # The packed weight's dtype is its storage's (uint8 or bf16), not a compute dtype: adapters follow the
-        # layer's compute_dtype instead (HF PEFT's rule), upcast to fp32 under autocast_adapter_dtype.
+        # layer's compute_dtype instead (HF PEFT's rule), upcast to fp32 under autocast_adapter_dtype; a fresh
+        # adapter is rounded through compute_dtype first, as in the dense layers.
         base_layer = self.get_base_layer()
         compute_dtype = getattr(base_layer, "compute_dtype", None)
         wanted = None if compute_dtype is None else adapter_dtype(compute_dtype, autocast_adapter_dtype)
         device = base_layer.weight.device
         if device.type == "meta":
             return
+        rounded = fresh and wanted is not None and wanted != compute_dtype
         for holder in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
             if adapter_name in holder and all(p.device.type != "meta" for p in holder[adapter_name].parameters()):
+                if rounded:
+                    holder[adapter_name].to(dtype=compute_dtype)
                 holder[adapter_name].to(device=device, dtype=wanted)
 
     def _quant_state(self) -> Any:

@@ -196,10 +196,14 @@ class LoraLayer(BaseTunerLayer):
                 return base_weight
         return None
 
-    def _move_adapter_to_base(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+    def _move_adapter_to_base(self, adapter_name: str, autocast_adapter_dtype: bool, fresh: bool = False) -> None:
         """Put an adapter on the base weight's device and dtype, except that under `autocast_adapter_dtype` an
         fp16/bf16 base gets fp32 adapter weights (HF PEFT's default, for stable training). Adapter weights still on
-        the meta device (`low_cpu_mem_usage`, not loaded yet) are left there."""
+        the meta device (`low_cpu_mem_usage`, not loaded yet) are left there.
+
+        `fresh`: the adapter was just initialised. HF PEFT casts a new adapter to the base dtype and upcasts it
+        later, so its fp32 weights hold base-dtype values; rounding the same way gives the same adapter for the same
+        seed. Loaded weights are kept as saved."""
         base_weight = self._adapter_reference_weight()
         if base_weight is None or base_weight.device.type == "meta":
             return
@@ -208,19 +212,24 @@ class LoraLayer(BaseTunerLayer):
             wanted = adapter_dtype(dtype, autocast_adapter_dtype)
         else:
             wanted = None
+        rounded = fresh and wanted is not None and wanted != dtype
         for holder in self._adapter_holders():
             if adapter_name not in holder:
                 continue
             item = holder[adapter_name]
             params, buffers = _tensors_of(item)
-            if _on_meta(params) or (_in_place(params, device, wanted) and _in_place(buffers, device, wanted)):
+            in_place = _in_place(params, device, wanted) and _in_place(buffers, device, wanted)
+            if _on_meta(params) or (in_place and not rounded):
                 # Not loaded yet, or already in place (a second pass, e.g. the PeftModel's after the tuner's, or a
                 # reload).
                 continue
             if isinstance(item, nn.Parameter):
                 # A ParameterDict wraps a plain tensor in a new, trainable Parameter: keep requires_grad as it was.
-                holder[adapter_name] = nn.Parameter(item.detach().to(device=device, dtype=wanted), item.requires_grad)
+                value = item.detach().to(dtype=dtype) if rounded else item.detach()
+                holder[adapter_name] = nn.Parameter(value.to(device=device, dtype=wanted), item.requires_grad)
             else:
+                if rounded:
+                    item.to(dtype=dtype)
                 item.to(device=device, dtype=wanted)
 
     def _activate_added_adapter(self, adapter_name: str) -> None:
@@ -653,7 +662,7 @@ class Linear(nn.Module, LoraLayer):
         self.lora_bias[adapter_name] = lora_bias
         self.use_alora[adapter_name] = use_alora
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
-        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype, fresh=True)
         magnitude = dora.DoraLinearLayer(fan_in_fan_out=self.fan_in_fan_out) if use_dora else None
         self._set_dora(adapter_name, use_dora, magnitude)
         self._activate_added_adapter(adapter_name)
@@ -943,7 +952,7 @@ class Embedding(nn.Module, LoraLayer):
         )
         self.lora_bias[adapter_name] = lora_bias
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
-        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype, fresh=True)
         self._set_dora(adapter_name, use_dora, dora.DoraEmbeddingLayer(fan_in_fan_out=True) if use_dora else None)
         self._activate_added_adapter(adapter_name)
 
@@ -1072,7 +1081,7 @@ class _ConvNd(nn.Module, LoraLayer):
         self.lora_B[adapter_name] = conv_type(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
         self.lora_bias[adapter_name] = lora_bias
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
-        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype, fresh=True)
         self._set_dora(adapter_name, use_dora, _DORA_CONV_LAYERS[self._kernel_dim]() if use_dora else None)
         self._activate_added_adapter(adapter_name)
 

@@ -111,7 +111,7 @@ class MultiheadAttention(nn.Module, LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
         self.lora_bias[adapter_name] = lora_bias
         self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype, fresh=True)
         self.base_layer.out_proj.update_layer(
             adapter_name,
             r,

@@ -125,7 +125,7 @@ class ParamWrapper(nn.Module, LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r * self.num_experts, self.out_features, bias=False)
         self.lora_bias[adapter_name] = False
         self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype)
+        self._move_adapter_to_base(adapter_name, autocast_adapter_dtype, fresh=True)
         self.set_adapter(self.active_adapters)
 
     def expert_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
