@@ -217,7 +217,7 @@ def _triton_and_reference(M, K, N, r, dtype, dropout_p, with_bias=True, seed=123
     leaves = [x.requires_grad_(), lora_A.requires_grad_(), lora_B.requires_grad_(), magnitude.requires_grad_()]
     g = (magnitude / norm).float()
     seeds = torch.tensor([seed]) if dropout_p > 0 else None
-    y, _, _ = ops.dora.dora_linear_fwd(x, weight, bias, lora_A, lora_B, g, 1.5, dropout_p, seeds, True)
+    y, _, _ = ops.dora.dora_linear_fwd(x, weight, bias, lora_A, lora_B, g, 1.5, dropout_p, seeds, True, "fused")
     grad_y = torch.randn(y.shape, generator=_gen(5))
     got = [y, *_grads(y, leaves, grad_y)]
     keep = lora_kernels.dropout_keep_mask(M, K, dropout_p, seeds) if dropout_p > 0 else None

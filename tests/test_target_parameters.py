@@ -201,7 +201,7 @@ def test_custom_op_traces_under_torch_compile():
     base = torch.randn(9, 12)
 
     def lora_term(base, x):
-        return moe_lora.moe_lora_add_fwd(base, x, problem.offsets, A, B, [2.0])[0]
+        return moe_lora.moe_lora_add_fwd(base, x, problem.offsets, A, B, [2.0], "fused")[0]
 
     compiled = torch.compile(lora_term, backend="aot_eager", fullgraph=True)
     assert_close(compiled(base, problem.x.detach()), lora_term(base, problem.x.detach()), kind="kernel")

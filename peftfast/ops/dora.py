@@ -6,13 +6,22 @@ Training step of one DoRA adapter (see `kernels/dora.py`): forward = `lora_shrin
 (dA), `dora_grad_x` (dX, one read of W even under dropout) and `column_dot` (dg = sum_t dY * z). The norm enters as
 g = magnitude / norm, computed outside the custom ops, so autograd carries dg to the magnitude and nothing to the
 norm, as in HF PEFT.
+
+Each custom op takes a `plan`, as `lora_linear`'s do (see `autograd`): "fused" runs the kernels (backend "triton"
+asked for by name: what was asked, and errors raise); "auto" races, once per shape class and GPU (`autotune.choose`),
+the kernels against the composition of cuBLAS and torch (the same math as plain torch ops: F.linear for the base
+GEMM, the rescale and the rank-r terms in fp32), and falls back to that composition, with one warning, for a shape
+class whose kernels fail to compile or launch (`autotune.run_with_fallback`). The plans of one op give the same
+outputs (y, S, z; the same dropout masks from the same seed), so a forward run on one plan and its backward on the
+other agree. The choice is made when the op runs, not when torch.compile traces it: compiled graphs keep it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from . import autograd
+from . import autograd, autotune, reference
 from .reference import dora_norm_from_terms
 
 
@@ -41,6 +50,48 @@ def can_run_dora_weight_norm(
     return weight.numel() < 2**31 and autograd.triton_available()
 
 
+def _weight_norm_kernels(weight, lora_A, lora_B, scaling, weight_sq) -> tuple[torch.Tensor, torch.Tensor]:
+    kernels, _ = _kernels()
+    weight_times_A, squares = kernels.weight_times_adapter(weight, lora_A, with_sq=weight_sq is None)
+    return dora_norm_from_terms(weight_sq if squares is None else squares, weight_times_A, lora_A, lora_B, scaling), (
+        squares if squares is not None else weight_sq.new_empty(0)
+    )
+
+
+def _weight_norm_torch(weight, lora_A, lora_B, scaling, weight_sq) -> tuple[torch.Tensor, torch.Tensor]:
+    norm, squares = reference.dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq)
+    return norm, (squares if weight_sq is None else weight_sq.new_empty(0))
+
+
+@torch.library.custom_op("peftfast::dora_weight_norm", mutates_args=())
+def dora_weight_norm_op(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    weight_sq: torch.Tensor | None,
+    plan: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm, ||W_j||^2) as `reference.dora_weight_norm`, the second empty when `weight_sq` is given (a custom op's
+    output may not be one of its inputs)."""
+    args = (weight, lora_A, lora_B, scaling, None if weight_sq is None else weight_sq.float())
+    if plan != "auto":
+        return _weight_norm_kernels(*args)
+    key = f"dora_weight_norm|N{weight.shape[0]}|K{weight.shape[1]}|R{lora_A.shape[0]}|{_dtypes(weight, lora_A)}"
+    candidates = {"fused": lambda: _weight_norm_kernels(*args), "composed": lambda: _weight_norm_torch(*args)}
+
+    def kernels() -> tuple[torch.Tensor, torch.Tensor]:
+        return candidates[autotune.choose("dora_weight_norm", key, candidates, weight.device)]()
+
+    return autotune.run_with_fallback("dora_weight_norm", key, weight.device, kernels, candidates["composed"])
+
+
+@dora_weight_norm_op.register_fake
+def _(weight, lora_A, lora_B, scaling, weight_sq, plan):
+    squares = weight.new_empty(weight.shape[0] if weight_sq is None else 0, dtype=torch.float32)
+    return weight.new_empty(weight.shape[0], dtype=torch.float32), squares
+
+
 def dora_weight_norm_triton(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -48,17 +99,71 @@ def dora_weight_norm_triton(
     scaling: float,
     weight_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton `dora_weight_norm`: same semantics and arguments as `reference.dora_weight_norm`."""
-    kernels, _ = _kernels()
+    """The Triton `dora_weight_norm`: same semantics and arguments as `reference.dora_weight_norm` (under `auto`,
+    raced against it and falling back to it, see the module docstring)."""
     if lora_A.shape[1] != weight.shape[1] or lora_B.shape != (weight.shape[0], lora_A.shape[0]):
         raise ValueError(
             f"dora_weight_norm: weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)} and lora_B "
             f"{tuple(lora_B.shape)} don't fit together."
         )
     with torch.no_grad():
-        weight_times_A, squares = kernels.weight_times_adapter(weight, lora_A, with_sq=weight_sq is None)
-        weight_sq = squares if weight_sq is None else weight_sq.float()
-        return dora_norm_from_terms(weight_sq, weight_times_A, lora_A, lora_B, scaling), weight_sq
+        norm, squares = dora_weight_norm_op(
+            weight, lora_A, lora_B, float(scaling), weight_sq, autograd.requested_plan()
+        )
+    return norm, (squares if weight_sq is None else weight_sq.float())
+
+
+def _dtypes(*tensors: torch.Tensor) -> str:
+    return "/".join(str(t.dtype).removeprefix("torch.") for t in tensors)
+
+
+def _shape_class(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, dropout_p: float) -> str:
+    """The key DoRA's plans are raced and failures recorded under (see `autograd.shape_class`)."""
+    return autograd.shape_class("dora_linear", x, weight.shape[0], [lora_A.shape[0]], [dropout_p]) + (
+        f"|{_dtypes(lora_A)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------- forward
+
+
+def _forward_kernels(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z):
+    kernels, lora_kernels = _kernels()
+    dot_dtype = autograd._dot_dtype(x)
+    shrunk = lora_kernels.lora_shrink(x, lora_A, scaling, dropout_p, seed, dot_dtype=dot_dtype)
+    y, z = kernels.dora_forward(x, weight, bias, shrunk, lora_B, g, dropout_p, seed, store_z, dot_dtype=dot_dtype)
+    return y, shrunk, z
+
+
+def _forward_composed(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z):
+    """The kernels' outputs from cuBLAS and torch: S = s * x_d A^T in fp32, z = x_d W^T + S B^T (x_d = x without
+    dropout), y = g * z + b, or under dropout y = x W^T - x_d W^T + g * z + b; the masks of the same seed."""
+    dropped = autograd._dropped(x, dropout_p, seed)
+    shrunk = F.linear(dropped, lora_A.float()) * scaling
+    low_rank = shrunk @ lora_B.float().T
+    if dropout_p > 0:
+        base, base_dropped = F.linear(torch.cat([x, dropped.to(x.dtype)]), weight).float().split(x.shape[0])
+        z = base_dropped + low_rank
+        y = base - base_dropped + g * z
+    else:
+        z = F.linear(x, weight).float() + low_rank
+        y = g * z
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), shrunk, z.to(x.dtype) if store_z else x.new_empty(0)
+
+
+def _forward_on(plan, *args):
+    if plan != "auto":
+        return _forward_kernels(*args)
+    x, weight, _, lora_A, _, _, _, dropout_p, _, _ = args
+    key = _shape_class(x, weight, lora_A, dropout_p)
+    candidates = {"fused": lambda: _forward_kernels(*args), "composed": lambda: _forward_composed(*args)}
+
+    def kernels():
+        return candidates[autotune.choose("dora_linear forward", key, candidates, x.device)]()
+
+    return autotune.run_with_fallback("dora_linear", key, x.device, kernels, candidates["composed"])
 
 
 @torch.library.custom_op("peftfast::dora_linear_fwd", mutates_args=())
@@ -73,19 +178,74 @@ def dora_linear_fwd(
     dropout_p: float,
     seed: torch.Tensor | None,
     store_z: bool,
+    plan: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels, lora_kernels = _kernels()
-    dot_dtype = autograd._dot_dtype(x)
-    shrunk = lora_kernels.lora_shrink(x, lora_A, scaling, dropout_p, seed, dot_dtype=dot_dtype)
-    y, z = kernels.dora_forward(x, weight, bias, shrunk, lora_B, g, dropout_p, seed, store_z, dot_dtype=dot_dtype)
-    return y, shrunk, z
+    return _forward_on(plan, x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z)
 
 
 @dora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z):
+def _(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z, plan):
     M, N = x.shape[0], weight.shape[0]
     z = x.new_empty(M, N) if store_z else x.new_empty(0)
     return x.new_empty(M, N), x.new_empty(M, lora_A.shape[0], dtype=torch.float32), z
+
+
+# -------------------------------------------------------------------------------------------------------- backward
+
+
+def _backward_kernels(grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling, dropout_p, seed, needs_x, needs_g):
+    kernels, lora_kernels = _kernels()
+    dot_dtype = autograd._dot_dtype(x)
+    # dY reaches the adapter scaled by g: (g * dY) B = dY (g * B), and (g * dY)^T S = g * (dY^T S).
+    scaled_B = lora_B.float() * g[:, None]
+    grad_s, grad_b = lora_kernels.lora_grad_dy(grad_y, scaled_B, shrunk, dot_dtype=dot_dtype)
+    grad_b = (grad_b * g[:, None]).to(lora_B.dtype)
+    # S was scaled by s, so the gradient reaching x_d A^T is s * dS.
+    grad_s = grad_s * scaling
+    grad_a = lora_kernels.lora_grad_a(grad_s, x, dropout_p, seed, dot_dtype=dot_dtype).to(lora_A.dtype)
+    grad_x = x.new_empty(0)
+    if needs_x:
+        grad_x = kernels.dora_grad_x(grad_y, weight, g, grad_s, lora_A, dropout_p, seed, x.dtype, dot_dtype)
+    grad_g = kernels.column_dot(grad_y, z) if needs_g else g.new_empty(0)
+    return grad_x, grad_a, grad_b, grad_g
+
+
+def _backward_composed(grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling, dropout_p, seed, needs_x, needs_g):
+    """The kernels' gradients from cuBLAS and torch: dB = g * dY^T S, dS = s * (g * dY) B, dA = dS^T x_d,
+    dX = (g * dY) W + dS A, or under dropout dX = dY W + keep * ((g - 1) * dY W + dS A) / (1 - p); dg = sum_t dY * z."""
+    dy = grad_y.float()
+    grad_z = dy * g
+    grad_b = (grad_z.T @ shrunk).to(lora_B.dtype)
+    grad_s = (grad_z @ lora_B.float()) * scaling
+    grad_a = (grad_s.T @ autograd._dropped(x, dropout_p, seed)).to(lora_A.dtype)
+    grad_x = x.new_empty(0)
+    if needs_x:
+        through_adapter = grad_s @ lora_A.float()
+        if dropout_p > 0:
+            from ..kernels import lora_linear as lora_kernels
+
+            stacked = torch.cat([grad_y.to(weight.dtype), (dy * (g - 1)).to(weight.dtype)])
+            plain, dropped = (stacked @ weight).float().split(grad_y.shape[0])
+            keep = lora_kernels.dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed)
+            grad_x = plain + torch.where(keep, (dropped + through_adapter) / (1.0 - dropout_p), 0.0)
+        else:
+            grad_x = (grad_z.to(weight.dtype) @ weight).float() + through_adapter
+        grad_x = grad_x.to(x.dtype)
+    grad_g = (dy * z.float()).sum(0) if needs_g else g.new_empty(0)
+    return grad_x, grad_a, grad_b, grad_g
+
+
+def _backward_on(plan, *args):
+    if plan != "auto":
+        return _backward_kernels(*args)
+    x, weight, lora_A, dropout_p = args[1], args[2], args[3], args[9]
+    key = _shape_class(x, weight, lora_A, dropout_p)
+    candidates = {"fused": lambda: _backward_kernels(*args), "composed": lambda: _backward_composed(*args)}
+
+    def kernels():
+        return candidates[autotune.choose("dora_linear backward", key, candidates, x.device)]()
+
+    return autotune.run_with_fallback("dora_linear", key, x.device, kernels, candidates["composed"])
 
 
 @torch.library.custom_op("peftfast::dora_linear_bwd", mutates_args=())
@@ -103,34 +263,39 @@ def dora_linear_bwd(
     seed: torch.Tensor | None,
     needs_input_grad: bool,
     needs_g_grad: bool,
+    plan: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels, lora_kernels = _kernels()
-    dot_dtype = autograd._dot_dtype(x)
-    # dY reaches the adapter scaled by g: (g * dY) B = dY (g * B), and (g * dY)^T S = g * (dY^T S).
-    scaled_B = lora_B.float() * g[:, None]
-    grad_s, grad_b = lora_kernels.lora_grad_dy(grad_y, scaled_B, shrunk, dot_dtype=dot_dtype)
-    grad_b = (grad_b * g[:, None]).to(lora_B.dtype)
-    # S was scaled by s, so the gradient reaching x_d A^T is s * dS.
-    grad_s = grad_s * scaling
-    grad_a = lora_kernels.lora_grad_a(grad_s, x, dropout_p, seed, dot_dtype=dot_dtype).to(lora_A.dtype)
-    grad_x = x.new_empty(0)
-    if needs_input_grad:
-        grad_x = kernels.dora_grad_x(grad_y, weight, g, grad_s, lora_A, dropout_p, seed, x.dtype, dot_dtype)
-    grad_g = kernels.column_dot(grad_y, z) if needs_g_grad else g.new_empty(0)
-    return grad_x, grad_a, grad_b, grad_g
+    return _backward_on(
+        plan, grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling, dropout_p, seed, needs_input_grad, needs_g_grad
+    )
 
 
 @dora_linear_bwd.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling, dropout_p, seed, needs_input_grad, needs_g_grad):
+def _(
+    grad_y,
+    x,
+    weight,
+    lora_A,
+    lora_B,
+    g,
+    shrunk,
+    z,
+    scaling,
+    dropout_p,
+    seed,
+    needs_input_grad,
+    needs_g_grad,
+    plan,
+):
     grad_x = x.new_empty(x.shape) if needs_input_grad else x.new_empty(0)
     grad_g = g.new_empty(g.shape, dtype=torch.float32) if needs_g_grad else g.new_empty(0)
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), grad_g
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z = inputs
+    x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z, plan = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, g, output[1], output[2], seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.scaling, ctx.dropout_p, ctx.plan = scaling, dropout_p, plan
     ctx.has_bias = bias is not None
 
 
@@ -153,6 +318,7 @@ def _backward(ctx, grad_y, grad_shrunk, grad_z):
         seed,
         ctx.needs_input_grad[0],
         needs_g_grad,
+        ctx.plan,
     )
     grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return (
@@ -162,6 +328,7 @@ def _backward(ctx, grad_y, grad_shrunk, grad_z):
         grad_a if ctx.needs_input_grad[3] else None,
         grad_b if ctx.needs_input_grad[4] else None,
         grad_g if needs_g_grad else None,
+        None,
         None,
         None,
         None,
@@ -225,5 +392,6 @@ def dora_linear_triton(
     seed = autograd.new_seeds(1, x.device) if p > 0 else None
     g = (magnitude.reshape(-1) / weight_norm.detach().to(magnitude.dtype)).float()
     store_z = torch.is_grad_enabled() and g.requires_grad
-    y, _, _ = dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, g, float(scaling), p, seed, store_z)
+    plan = autograd.requested_plan()
+    y, _, _ = dora_linear_fwd(x2d, weight, bias, lora_A, lora_B, g, float(scaling), p, seed, store_z, plan)
     return y.reshape(*lead, weight.shape[0])

@@ -6,14 +6,23 @@ t_i = x A_i[e]^T (fp32, saved for backward); `peftfast::moe_lora_add_bwd` return
 dA_i and dB_i, from dY:
     dt_i = s_i * dY B_i[e]      dB_i[e] = s_i * dY[g]^T t_i[g]      dA_i[e] = dt_i[g]^T x[g]      dx += dt_i A_i[e]
 The gradient of `base` is dY itself; the base product (and its own gradients) is plain torch autograd.
+
+Both ops take a `plan`, as `lora_linear`'s do (see `autograd`): "fused" runs the grouped kernels (backend "triton"
+asked for by name: errors raise); "auto" races them, once per shape class and GPU (`autotune.choose`), against the
+torch composition (one GEMM pair per expert on its own rows, fp32, as `reference.moe_lora_linear`), and falls back to
+that composition, with one warning, for a shape class whose kernels fail to compile or launch. Both plans give the
+same outputs (the same t_i), so a forward on one and its backward on the other agree; the plan is chosen when the op
+runs, not when torch.compile traces it.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
-from . import autograd, reference
+from . import autograd, autotune, reference
 
 
 def _block_m(x: torch.Tensor) -> int:
@@ -22,15 +31,37 @@ def _block_m(x: torch.Tensor) -> int:
     return kernels.tile_rows(x.dtype, interpreting=x.device.type == "cpu")
 
 
-@torch.library.custom_op("peftfast::moe_lora_add_fwd", mutates_args=())
-def moe_lora_add_fwd(
-    base: torch.Tensor,
-    x: torch.Tensor,
-    offsets: torch.Tensor,
-    lora_A: list[torch.Tensor],
-    lora_B: list[torch.Tensor],
-    scaling: list[float],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _shape_class(x: torch.Tensor, base: torch.Tensor, lora_A: list[torch.Tensor]) -> str:
+    """The key the plans are raced and failures recorded under: rows bucketed to powers of two, the exact features,
+    experts and total rank, the dtypes."""
+    ranks = sum(A.shape[1] for A in lora_A)
+    dtypes = "/".join(str(t.dtype).removeprefix("torch.") for t in (x, *lora_A[:1]))
+    return (
+        f"moe_lora_linear|M{autotune.size_class(x.shape[0])}|K{x.shape[1]}|N{base.shape[1]}|"
+        f"E{lora_A[0].shape[0] if lora_A else 0}|R{ranks}|{dtypes}"
+    )
+
+
+def _on_plan(plan: str, op: str, key_args: tuple, kernels, composed):
+    """`kernels()` for plan "fused"; for "auto" the faster of both for this shape class, torch where kernels fail."""
+    if plan != "auto":
+        return kernels()
+    x = key_args[0]
+    key = _shape_class(*key_args)
+    candidates = {"fused": kernels, "composed": composed}
+
+    def chosen():
+        return candidates[autotune.choose(op, key, candidates, x.device)]()
+
+    return autotune.run_with_fallback("moe_lora_linear", key, x.device, chosen, composed)
+
+
+def _expert_spans(offsets: torch.Tensor, num_rows: int) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(reference.group_sizes(offsets, num_rows)))
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def _add_kernels(base, x, offsets, lora_A, lora_B, scaling):
     from ..kernels import moe_lora as kernels
 
     block_m = _block_m(x)
@@ -50,22 +81,43 @@ def moe_lora_add_fwd(
     return out, shrunk
 
 
-@moe_lora_add_fwd.register_fake
-def _(base, x, offsets, lora_A, lora_B, scaling):
-    return torch.empty_like(base), [x.new_empty(x.shape[0], A.shape[1], dtype=torch.float32) for A in lora_A]
+def _add_composed(base, x, offsets, lora_A, lora_B, scaling):
+    """The kernels' outputs from torch: one GEMM pair per expert and adapter on the expert's rows, in fp32."""
+    spans = _expert_spans(offsets, x.shape[0])
+    out = base.to(torch.float32, copy=True)
+    shrunk = []
+    for A, B, s in zip(lora_A, lora_B, scaling):
+        t = x.new_zeros(x.shape[0], A.shape[1], dtype=torch.float32)
+        for e, (start, end) in enumerate(spans):
+            if start < end:
+                torch.mm(x[start:end].float(), A[e].float().T, out=t[start:end])
+                out[start:end].addmm_(t[start:end], B[e].float().T, alpha=s)
+        shrunk.append(t)
+    return out.to(base.dtype), shrunk
 
 
-@torch.library.custom_op("peftfast::moe_lora_add_bwd", mutates_args=())
-def moe_lora_add_bwd(
-    grad_out: torch.Tensor,
+@torch.library.custom_op("peftfast::moe_lora_add_fwd", mutates_args=())
+def moe_lora_add_fwd(
+    base: torch.Tensor,
     x: torch.Tensor,
     offsets: torch.Tensor,
     lora_A: list[torch.Tensor],
     lora_B: list[torch.Tensor],
-    shrunk: list[torch.Tensor],
     scaling: list[float],
-    needs_input_grad: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    plan: str,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    args = (base, x, offsets, lora_A, lora_B, scaling)
+    return _on_plan(
+        plan, "moe_lora_linear forward", (x, base, lora_A), lambda: _add_kernels(*args), lambda: _add_composed(*args)
+    )
+
+
+@moe_lora_add_fwd.register_fake
+def _(base, x, offsets, lora_A, lora_B, scaling, plan):
+    return torch.empty_like(base), [x.new_empty(x.shape[0], A.shape[1], dtype=torch.float32) for A in lora_A]
+
+
+def _add_grads_kernels(grad_out, x, offsets, lora_A, lora_B, shrunk, scaling, needs_input_grad):
     from ..kernels import moe_lora as kernels
 
     block_m = _block_m(x)
@@ -86,17 +138,61 @@ def moe_lora_add_bwd(
     return grad_x, grad_A, grad_B
 
 
+def _add_grads_composed(grad_out, x, offsets, lora_A, lora_B, shrunk, scaling, needs_input_grad):
+    """The kernels' gradients from torch, per expert on its rows in fp32 (an expert without rows gets zeros)."""
+    spans = _expert_spans(offsets, x.shape[0])
+    grad_x = x.new_zeros(x.shape, dtype=torch.float32) if needs_input_grad else None
+    grad_A, grad_B = [], []
+    for A, B, t, s in zip(lora_A, lora_B, shrunk, scaling):
+        # zeros_like keeps the strides of A and B, as the kernels' gradients do.
+        dA, dB = torch.zeros_like(A), torch.zeros_like(B)
+        for e, (start, end) in enumerate(spans):
+            if start == end:
+                continue
+            dy, x_e = grad_out[start:end].float(), x[start:end].float()
+            grad_t = (dy @ B[e].float()) * s
+            dB[e].copy_((dy.T @ t[start:end]) * s)
+            dA[e].copy_(grad_t.T @ x_e)
+            if grad_x is not None:
+                grad_x[start:end].addmm_(grad_t, A[e].float())
+        grad_A.append(dA)
+        grad_B.append(dB)
+    return (grad_x.to(x.dtype) if grad_x is not None else x.new_empty(0)), grad_A, grad_B
+
+
+@torch.library.custom_op("peftfast::moe_lora_add_bwd", mutates_args=())
+def moe_lora_add_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    shrunk: list[torch.Tensor],
+    scaling: list[float],
+    needs_input_grad: bool,
+    plan: str,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    args = (grad_out, x, offsets, lora_A, lora_B, shrunk, scaling, needs_input_grad)
+    return _on_plan(
+        plan,
+        "moe_lora_linear backward",
+        (x, grad_out, lora_A),
+        lambda: _add_grads_kernels(*args),
+        lambda: _add_grads_composed(*args),
+    )
+
+
 @moe_lora_add_bwd.register_fake
-def _(grad_out, x, offsets, lora_A, lora_B, shrunk, scaling, needs_input_grad):
+def _(grad_out, x, offsets, lora_A, lora_B, shrunk, scaling, needs_input_grad, plan):
     grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
     return grad_x, [torch.empty_like(A) for A in lora_A], [torch.empty_like(B) for B in lora_B]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    base, x, offsets, lora_A, lora_B, scaling = inputs
+    base, x, offsets, lora_A, lora_B, scaling, plan = inputs
     ctx.save_for_backward(x, offsets, *lora_A, *lora_B, *output[1])
     ctx.num_adapters = len(lora_A)
-    ctx.scaling = list(scaling)
+    ctx.scaling, ctx.plan = list(scaling), plan
 
 
 def _backward(ctx, grad_out, grad_shrunk):
@@ -104,9 +200,9 @@ def _backward(ctx, grad_out, grad_shrunk):
     n = ctx.num_adapters
     lora_A, lora_B, shrunk = saved[:n], saved[n : 2 * n], saved[2 * n :]
     grad_x, grad_A, grad_B = moe_lora_add_bwd(
-        grad_out.contiguous(), x, offsets, lora_A, lora_B, shrunk, ctx.scaling, ctx.needs_input_grad[1]
+        grad_out.contiguous(), x, offsets, lora_A, lora_B, shrunk, ctx.scaling, ctx.needs_input_grad[1], ctx.plan
     )
-    return grad_out, grad_x if ctx.needs_input_grad[1] else None, None, grad_A, grad_B, None
+    return grad_out, grad_x if ctx.needs_input_grad[1] else None, None, grad_A, grad_B, None, None
 
 
 moe_lora_add_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -147,5 +243,6 @@ def moe_lora_linear_triton(x, weight, bias, offsets, lora_A, lora_B, scaling, tr
     base = _grouped_base(x, weight, bias, offsets, transposed)
     if x.shape[0] == 0:
         return base
-    y, _ = moe_lora_add_fwd(base, x, offsets, list(lora_A), list(lora_B), [float(s) for s in scaling])
+    scaling = [float(s) for s in scaling]
+    y, _ = moe_lora_add_fwd(base, x, offsets, list(lora_A), list(lora_B), scaling, autograd.requested_plan())
     return y

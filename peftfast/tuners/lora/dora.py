@@ -17,6 +17,8 @@ address and autograd version counter, which every in-place update through autogr
 bumps); nothing is cached from a tensor that requires grad, because fused optimizers (`AdamW(fused=True)`) update
 parameters without bumping their version. Writes through `.data` bypass version counters: peftfast's own (merge,
 unmerge, re-quantization) clear the cache; call `layer.dora_cache().clear()` after writing a base weight that way.
+Inside a torch.compile'd region the cache is neither read nor written: the graph computes the norms on every call
+(one rank-r product per layer), so it has no graph break on the cache keys and never replays a stale norm.
 """
 
 from __future__ import annotations
@@ -89,6 +91,13 @@ def _key(tensor: torch.Tensor) -> tuple:
 CACHING = True
 
 
+def _bypassed() -> bool:
+    # Traced by torch.compile, a cache lookup would be decided once at trace time and its norm baked into the graph
+    # as a constant that no guard ties to the weights' contents (data_ptr and _version aren't guarded either): a
+    # compiled graph recomputes the norms on every call instead, so it can never use a stale one.
+    return not CACHING or torch.compiler.is_compiling()
+
+
 def _matches(key: tuple | None, tensor: torch.Tensor) -> bool:
     return key is not None and key[0]() is tensor and key[1:] == _key(tensor)[1:]
 
@@ -112,7 +121,7 @@ class DoraCache:
     def _cached(self, layer: Any, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(norm, ||W_j||^2) of `adapter` where the cache holds them for these very tensors, else None each."""
         base_weight = layer.get_base_layer().weight
-        if not CACHING or base_weight.requires_grad or not _matches(self._base_key, base_weight):
+        if _bypassed() or base_weight.requires_grad or not _matches(self._base_key, base_weight):
             return None, None
         lora_A, lora_B = layer._dora_factors(adapter)
         cached = self._norms.get(adapter)
@@ -129,7 +138,7 @@ class DoraCache:
             return norm
         norm, weight_sq = layer._dora_weight_norm_terms(adapter, weight_sq)
         base_weight = layer.get_base_layer().weight
-        if CACHING and not base_weight.requires_grad:
+        if not _bypassed() and not base_weight.requires_grad:
             self._base_key, self._base_sq = _key(base_weight), weight_sq
             lora_A, lora_B = layer._dora_factors(adapter)
             if not (lora_A.requires_grad or lora_B.requires_grad):
