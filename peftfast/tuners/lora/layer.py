@@ -20,7 +20,7 @@ from ...utils.mixed_batch import AdapterRowGroups, MixedBatch, MixedBatchSource
 from ..tuners_utils import BaseTunerLayer, set_entry_requires_grad
 from . import dora
 from . import init as lora_init
-from .alora import AloraOffsets, token_mask_for
+from .alora import AloraOffsets, AloraOffsetsSource, token_mask_for
 from .bank import LoraAdapterBank
 
 # Base-layer dtypes whose adapters `autocast_adapter_dtype` keeps in float32 (HF PEFT's rule).
@@ -279,6 +279,8 @@ class LoraLayer(BaseTunerLayer):
 
     # Set by `LoraModel` on the layers it manages: the mixed batch of the call in progress is read from there.
     _mixed_batch_source: MixedBatchSource | None = None
+    # Set on the layers with an aLoRA adapter (`alora.install_offsets`): the call's aLoRA offsets, unless passed.
+    _alora_source: AloraOffsetsSource | None = None
 
     def _take_mixed_batch(self, x: torch.Tensor, kwargs: dict[str, Any]) -> MixedBatch | list[str] | None:
         """The call's per-row adapters (popped from `kwargs`, else from the model's mixed-batch source), checked
@@ -799,6 +801,8 @@ class Linear(nn.Module, LoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = self._take_mixed_batch(x, kwargs)
         alora_offsets = kwargs.pop("alora_offsets", None) if kwargs else None
+        if alora_offsets is None and self._alora_source is not None:
+            alora_offsets = self._alora_source.offsets
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
