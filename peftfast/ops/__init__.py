@@ -260,7 +260,7 @@ __all__ += ["embedding_with_replaced_rows", "linear_with_replaced_rows"]
 # LoRA on mixture-of-experts weights. `moe_lora` imports Triton only when a kernel runs.
 from . import moe_lora as _moe_lora  # noqa: E402
 
-dispatch.register("moe_lora_linear", "torch", reference.moe_lora_linear)
+dispatch.register("moe_lora_linear", "torch", _moe_lora.moe_lora_linear_torch)
 dispatch.register(
     "moe_lora_linear", "triton", _moe_lora.moe_lora_linear_triton, can_serve=_moe_lora.can_run_moe_lora_linear
 )

@@ -222,14 +222,115 @@ def can_run_moe_lora_linear(x, weight, bias, offsets, lora_A, lora_B, *args, **k
     return x.numel() < 2**31 and autograd.triton_available()
 
 
+# The base product per expert as custom ops, for torch.compile: one GEMM per expert needs the rows per expert on the
+# host (`reference.group_sizes`), which a traced graph cannot hold; inside a custom op that runs when the graph runs.
+@torch.library.custom_op("peftfast::moe_grouped_linear_fwd", mutates_args=())
+def moe_grouped_linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offsets: torch.Tensor, transposed: bool
+) -> torch.Tensor:
+    return reference.moe_lora_linear(x, weight, bias, offsets, [], [], [], transposed)
+
+
+@moe_grouped_linear_fwd.register_fake
+def _(x, weight, bias, offsets, transposed):
+    out_features = weight.shape[2] if transposed else weight.shape[1]
+    return x.new_empty(x.shape[0], out_features, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@torch.library.custom_op("peftfast::moe_grouped_linear_bwd", mutates_args=())
+def moe_grouped_linear_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    transposed: bool,
+    needs_x: bool,
+    needs_weight: bool,
+    needs_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX, dW, dbias) of y[g] = x[g] @ W_e.T + bias[e], each empty unless needed; zeros for experts without rows."""
+    grad_x = x.new_zeros(x.shape) if needs_x else x.new_empty(0)
+    grad_w = torch.zeros_like(weight) if needs_weight else weight.new_empty(0)
+    grad_b = grad_y.new_zeros(weight.shape[0], grad_y.shape[1]) if needs_bias else grad_y.new_empty(0)
+    for e, (start, end) in enumerate(_expert_spans(offsets, x.shape[0])):
+        if start == end:
+            continue
+        dy, x_e = grad_y[start:end], x[start:end].to(grad_y.dtype)
+        w_e = weight[e].to(grad_y.dtype)
+        if needs_x:
+            grad_x[start:end] = dy @ (w_e.T if transposed else w_e)
+        if needs_weight:
+            grad_w[e] = x_e.T @ dy if transposed else dy.T @ x_e
+        if needs_bias:
+            grad_b[e] = dy.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+@moe_grouped_linear_bwd.register_fake
+def _(grad_y, x, weight, offsets, transposed, needs_x, needs_weight, needs_bias):
+    grad_x = torch.empty_like(x) if needs_x else x.new_empty(0)
+    grad_w = torch.empty_like(weight) if needs_weight else weight.new_empty(0)
+    grad_b = grad_y.new_empty(weight.shape[0], grad_y.shape[1]) if needs_bias else grad_y.new_empty(0)
+    return grad_x, grad_w, grad_b
+
+
+def _grouped_linear_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, offsets, transposed = inputs
+    ctx.save_for_backward(x, weight, offsets)
+    ctx.transposed, ctx.has_bias = transposed, bias is not None
+
+
+def _grouped_linear_backward(ctx, grad_y):
+    x, weight, offsets = ctx.saved_tensors
+    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grad_x, grad_w, grad_b = moe_grouped_linear_bwd(
+        grad_y.contiguous(), x, weight, offsets, ctx.transposed, needs_x, needs_weight, needs_bias and ctx.has_bias
+    )
+    return grad_x if needs_x else None, grad_w if needs_weight else None, grad_b if needs_bias else None, None, None
+
+
+moe_grouped_linear_fwd.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup_context)
+
+
+def _grouped_linear(x, weight, bias, offsets, transposed) -> torch.Tensor:
+    """x[g] @ W_e.T + bias[e] per expert, one GEMM per expert: the reference, or its custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return moe_grouped_linear_fwd(x, weight, bias, offsets, transposed)
+    return reference.moe_lora_linear(x, weight, bias, offsets, [], [], [], transposed)
+
+
+def moe_lora_linear_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    scaling: list[float],
+    transposed: bool,
+) -> torch.Tensor:
+    """The torch `moe_lora_linear`: `reference.moe_lora_linear`, or, traced by torch.compile, the same math as custom
+    ops (the grouped base product, then the LoRA terms on the "composed" plan, fp32), so the graph doesn't break at
+    the host copy of the rows per expert."""
+    if not torch.compiler.is_compiling():
+        return reference.moe_lora_linear(x, weight, bias, offsets, lora_A, lora_B, scaling, transposed)
+    if len(lora_A) != len(lora_B) or len(lora_A) != len(scaling):
+        raise ValueError(f"Got {len(lora_A)} A, {len(lora_B)} B factors and {len(scaling)} scalings; pass one each.")
+    base = moe_grouped_linear_fwd(x, weight, bias, offsets, transposed)
+    if not lora_A:
+        return base
+    scaling = [float(s) for s in scaling]
+    return moe_lora_add_fwd(base, x, offsets, list(lora_A), list(lora_B), scaling, "composed")[0]
+
+
 def _grouped_base(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offsets: torch.Tensor, transposed: bool
 ) -> torch.Tensor:
     """x[g] @ W_e.T + bias[e] per group: torch's grouped GEMM where it runs (bf16 on a GPU: one launch, no host
-    sync), else one GEMM per expert (the reference)."""
+    sync), else one GEMM per expert (`_grouped_linear`)."""
     grouped_mm = getattr(F, "grouped_mm", None)
     if grouped_mm is None or not x.is_cuda or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
-        return reference.moe_lora_linear(x, weight, bias, offsets, [], [], [], transposed)
+        return _grouped_linear(x, weight, bias, offsets, transposed)
     y = grouped_mm(x, weight if transposed else weight.transpose(1, 2), offs=offsets)
     if bias is not None:
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1))

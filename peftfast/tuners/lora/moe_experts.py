@@ -132,8 +132,9 @@ def lora_experts_forward(
     top_k = top_k_index.shape[-1]
     expert_ids = top_k_index.reshape(-1)
     perm = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=module.num_experts)
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    # Each expert's end in the sorted rows, of static shape [E] (bincount's shape depends on the data: a graph break).
+    experts = torch.arange(module.num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
+    offsets = torch.searchsorted(expert_ids[perm], experts, right=True).to(torch.int32)
     rows = hidden_states[perm // top_k]
     hidden = _projection(module, contract.up_name, rows, offsets, weights, factors)
     hidden = module._apply_gate(hidden) if module.has_gate else module.act_fn(hidden)
