@@ -172,9 +172,10 @@ def _caller_stacklevel() -> int:
 
 
 class AloraOffsetsSource:
-    """Where the aLoRA layers of one model find the offsets of the call in progress (`offsets`, None between calls).
-    Layers hold a reference to it, so a call sets one attribute instead of registering a hook on every layer: a hook
-    registered inside a torch.compile'd forward is a graph break, an attribute set there is data of the graph."""
+    """Where one aLoRA layer finds the offsets of the call in progress (`offsets`, None between calls). A call sets
+    one attribute per layer instead of registering a hook on it: a hook registered inside a torch.compile'd forward is
+    a graph break, an attribute set there is data of the graph. Each layer gets its source when its first aLoRA
+    adapter is added (`Linear.update_layer`), outside any compiled region, so a graph never guards on its creation."""
 
     def __init__(self) -> None:
         self.offsets: AloraOffsets | None = None
@@ -189,14 +190,6 @@ class _OffsetsInstalled:
 
     def remove(self) -> None:
         self.source.offsets = self.previous
-
-
-def _source_of(model: nn.Module) -> AloraOffsetsSource:
-    # In the module's __dict__, not as an nn.Module attribute: state of the calls, not of the model.
-    source = model.__dict__.get("_alora_offsets_source")
-    if source is None:
-        source = model.__dict__["_alora_offsets_source"] = AloraOffsetsSource()
-    return source
 
 
 def _offsets_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, offsets: AloraOffsets):
@@ -250,7 +243,7 @@ def _is_checkpointed_block(module: nn.Module) -> bool:
 
 
 def install_offsets(model: nn.Module, offsets: AloraOffsets, is_alora_layer) -> list[Any]:
-    """Hand `offsets` to every aLoRA layer of `model` for one call, through the model's `AloraOffsetsSource`; return
+    """Hand `offsets` to every aLoRA layer of `model` for one call, through its `AloraOffsetsSource`; return
     the handles to `remove()` after it. The layers of a gradient-checkpointed block also get them as a keyword until
     that block's backward (its recomputation runs after the call, when the source holds no offsets)."""
     handles: list[Any] = []
@@ -261,11 +254,9 @@ def install_offsets(model: nn.Module, offsets: AloraOffsets, is_alora_layer) -> 
                     layers = [module for module in block.modules() if is_alora_layer(module)]
                     if layers:
                         handles.append(_RecomputeOffsets(block, layers, offsets))
-        source = _source_of(model)
         for module in model.modules():
-            if is_alora_layer(module) and module._alora_source is not source:
-                module._alora_source = source
-        handles.append(_OffsetsInstalled(source, offsets))
+            if is_alora_layer(module):
+                handles.append(_OffsetsInstalled(module._alora_source, offsets))
     except Exception:
         remove_handles(handles, failed=True)
         raise

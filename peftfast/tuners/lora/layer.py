@@ -279,7 +279,7 @@ class LoraLayer(BaseTunerLayer):
 
     # Set by `LoraModel` on the layers it manages: the mixed batch of the call in progress is read from there.
     _mixed_batch_source: MixedBatchSource | None = None
-    # Set on the layers with an aLoRA adapter (`alora.install_offsets`): the call's aLoRA offsets, unless passed.
+    # Where a layer with an aLoRA adapter finds the call's aLoRA offsets (unless passed), see `alora.install_offsets`.
     _alora_source: AloraOffsetsSource | None = None
 
     def _take_mixed_batch(self, x: torch.Tensor, kwargs: dict[str, Any]) -> MixedBatch | list[str] | None:
@@ -663,6 +663,8 @@ class Linear(nn.Module, LoraLayer):
         self.lora_B[adapter_name] = _new_linear(r, self.out_features, bias=lora_bias)
         self.lora_bias[adapter_name] = lora_bias
         self.use_alora[adapter_name] = use_alora
+        if use_alora and self._alora_source is None:
+            self._alora_source = AloraOffsetsSource()
         self.reset_lora_parameters(adapter_name, init_lora_weights, **_initialisation_options(kwargs))
         self._move_adapter_to_base(adapter_name, autocast_adapter_dtype, fresh=True)
         magnitude = dora.DoraLinearLayer(fan_in_fan_out=self.fan_in_fan_out) if use_dora else None
