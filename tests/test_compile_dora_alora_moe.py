@@ -15,7 +15,7 @@ import peft
 import pytest
 import torch
 import torch._dynamo
-from models import MLP, tiny_llama
+from models import MLP, ConvNet, EmbeddingModel, tiny_llama
 from tolerances import assert_close
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -49,9 +49,9 @@ def _check_training(model, inputs, backend="auto"):
     model.train()
     params = [param for param in model.parameters() if param.requires_grad]
 
-    def step(x):
+    def step(inputs):
         with ops.use_backend(backend):
-            out = model(x)
+            out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
             return (out[0] if isinstance(out, tuple) else out).square().mean()
 
     def loss_and_grads(fn):
@@ -106,6 +106,27 @@ def test_dora_eval_compiles_whole_and_follows_weights_changed_in_place():
         changed = model(X)
         assert not torch.allclose(changed, expected)
         assert_close(compiled(X), changed, kind="kernel")
+    _assert_one_graph(counter)
+
+
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+def test_dora_conv_and_embedding_layers_compile_whole_in_training_and_eval(kind):
+    torch.manual_seed(5)
+    if kind == "conv":
+        base, targets = ConvNet(), ["conv1d", "conv2d", "conv3d"]
+        inputs = (torch.randn(2, 3, 5), torch.randn(2, 2, 3, 5, 5))
+    else:
+        base, targets = EmbeddingModel(), ["emb", "lin"]
+        inputs = (torch.randint(0, 37, (2, 5)),)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=targets, use_dora=True, init_lora_weights=False))
+    _check_training(model, inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    model.eval()
+    compiled, counter = _compiled(lambda inputs: model(*inputs))
+    with torch.no_grad():
+        expected = model(*inputs)
+        assert_close(compiled(inputs), expected, kind="kernel")
     _assert_one_graph(counter)
 
 

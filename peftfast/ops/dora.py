@@ -53,9 +53,9 @@ def can_run_dora_weight_norm(
 def _weight_norm_kernels(weight, lora_A, lora_B, scaling, weight_sq) -> tuple[torch.Tensor, torch.Tensor]:
     kernels, _ = _kernels()
     weight_times_A, squares = kernels.weight_times_adapter(weight, lora_A, with_sq=weight_sq is None)
-    return dora_norm_from_terms(weight_sq if squares is None else squares, weight_times_A, lora_A, lora_B, scaling), (
-        squares if squares is not None else weight_sq.new_empty(0)
-    )
+    if squares is None:
+        return dora_norm_from_terms(weight_sq, weight_times_A, lora_A, lora_B, scaling), weight_sq.new_empty(0)
+    return dora_norm_from_terms(squares, weight_times_A, lora_A, lora_B, scaling), squares
 
 
 def _weight_norm_torch(weight, lora_A, lora_B, scaling, weight_sq) -> tuple[torch.Tensor, torch.Tensor]:
