@@ -22,6 +22,8 @@ from torch._dynamo.utils import counters
 
 import peftfast
 from peftfast import LoraConfig, get_peft_model, ops
+from peftfast.ops import dora as dora_ops
+from peftfast.ops import moe_lora as moe_ops
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -192,7 +194,13 @@ def _moe_block():
 MOE_X = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(4))
 
 
-def test_moe_block_training_and_eval_compile_whole_and_match_eager():
+def test_moe_block_training_and_eval_compile_whole_and_match_eager(monkeypatch):
+    def no_kernels(*args):
+        raise AssertionError("the torch backend ran the MoE LoRA kernels")
+
+    # Compiled, the torch backend runs its per-expert GEMMs inside custom ops, on the composed (torch) plan.
+    monkeypatch.setattr(moe_ops, "_add_kernels", no_kernels)
+    monkeypatch.setattr(moe_ops, "_add_grads_kernels", no_kernels)
     model = _moe_block()
     _check_training(model, MOE_X)
     assert ops.last_backend("moe_lora_linear") == "torch"
@@ -219,3 +227,36 @@ def test_moe_block_triton_path_training_compiles_whole():
         with ops.use_backend("triton"):
             kernels = model(MOE_X)[0]
         assert_close(kernels, reference(MOE_X)[0], kind="kernel")
+
+
+# ------------------------------------------------------------------------------------------------------ custom ops
+
+
+def _opcheck_cases():
+    """The custom ops these layers trace into, on plans that run without Triton (opcheck: schema, fake, autograd)."""
+    generator = torch.Generator().manual_seed(6)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=generator).requires_grad_(grad)
+
+    offsets = torch.tensor([4, 4, 9, 11], dtype=torch.int32)
+    x, weight = rand(11, 7), rand(4, 6, 7)
+    A, B = [rand(4, 3, 7)], [rand(4, 6, 3)]
+    cases = {
+        "moe_grouped_linear": (moe_ops.moe_grouped_linear_fwd, (x, weight, rand(4, 6), offsets, False)),
+        "moe_grouped_linear-transposed": (moe_ops.moe_grouped_linear_fwd, (x, rand(4, 7, 6), None, offsets, True)),
+        "moe_lora_add": (moe_ops.moe_lora_add_fwd, (rand(11, 6), x, offsets, A, B, [1.5], "composed")),
+    }
+    dense_x, dense_w, A2, B2 = rand(5, 7), rand(6, 7, grad=False), rand(3, 7), rand(6, 3)
+    g = rand(6)
+    dora_args = (dense_x, dense_w, rand(6, grad=False), A2, B2, g, 1.5, 0.0, None, True, "composed")
+    cases["dora_linear"] = (dora_ops.dora_linear_fwd, dora_args)
+    norm_args = (dense_w, A2.detach(), B2.detach(), 1.5, None, "composed")
+    cases["dora_weight_norm"] = (dora_ops.dora_weight_norm_op, norm_args)
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_opcheck_cases()))
+def test_custom_ops_pass_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)

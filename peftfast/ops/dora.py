@@ -8,12 +8,12 @@ g = magnitude / norm, computed outside the custom ops, so autograd carries dg to
 norm, as in HF PEFT.
 
 Each custom op takes a `plan`, as `lora_linear`'s do (see `autograd`): "fused" runs the kernels (backend "triton"
-asked for by name: what was asked, and errors raise); "auto" races, once per shape class and GPU (`autotune.choose`),
-the kernels against the composition of cuBLAS and torch (the same math as plain torch ops: F.linear for the base
-GEMM, the rescale and the rank-r terms in fp32), and falls back to that composition, with one warning, for a shape
-class whose kernels fail to compile or launch (`autotune.run_with_fallback`). The plans of one op give the same
-outputs (y, S, z; the same dropout masks from the same seed), so a forward run on one plan and its backward on the
-other agree. The choice is made when the op runs, not when torch.compile traces it: compiled graphs keep it.
+asked for by name: what was asked, and errors raise); "composed" the composition of cuBLAS and torch (the same math
+as plain torch ops: F.linear for the base GEMM, the rescale and the rank-r terms in fp32); "auto" races the two, once
+per shape class and GPU (`autotune.choose`), and falls back to the composition, with one warning, for a shape class
+whose kernels fail to compile or launch (`autotune.run_with_fallback`). The plans of one op give the same outputs
+(y, S, z; the same dropout masks from the same seed), so a forward run on one plan and its backward on the other
+agree. The choice is made when the op runs, not when torch.compile traces it: compiled graphs keep it.
 """
 
 from __future__ import annotations
@@ -75,8 +75,10 @@ def dora_weight_norm_op(
     """(norm, ||W_j||^2) as `reference.dora_weight_norm`, the second empty when `weight_sq` is given (a custom op's
     output may not be one of its inputs)."""
     args = (weight, lora_A, lora_B, scaling, None if weight_sq is None else weight_sq.float())
-    if plan != "auto":
+    if plan == "fused":
         return _weight_norm_kernels(*args)
+    if plan == "composed":
+        return _weight_norm_torch(*args)
     key = f"dora_weight_norm|N{weight.shape[0]}|K{weight.shape[1]}|R{lora_A.shape[0]}|{_dtypes(weight, lora_A)}"
     candidates = {"fused": lambda: _weight_norm_kernels(*args), "composed": lambda: _weight_norm_torch(*args)}
 
@@ -154,8 +156,10 @@ def _forward_composed(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, se
 
 
 def _forward_on(plan, *args):
-    if plan != "auto":
+    if plan == "fused":
         return _forward_kernels(*args)
+    if plan == "composed":
+        return _forward_composed(*args)
     x, weight, _, lora_A, _, _, _, dropout_p, _, _ = args
     key = _shape_class(x, weight, lora_A, dropout_p)
     candidates = {"fused": lambda: _forward_kernels(*args), "composed": lambda: _forward_composed(*args)}
@@ -236,8 +240,10 @@ def _backward_composed(grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling,
 
 
 def _backward_on(plan, *args):
-    if plan != "auto":
+    if plan == "fused":
         return _backward_kernels(*args)
+    if plan == "composed":
+        return _backward_composed(*args)
     x, weight, lora_A, dropout_p = args[1], args[2], args[3], args[9]
     key = _shape_class(x, weight, lora_A, dropout_p)
     candidates = {"fused": lambda: _backward_kernels(*args), "composed": lambda: _backward_composed(*args)}

@@ -8,11 +8,11 @@ dA_i and dB_i, from dY:
 The gradient of `base` is dY itself; the base product (and its own gradients) is plain torch autograd.
 
 Both ops take a `plan`, as `lora_linear`'s do (see `autograd`): "fused" runs the grouped kernels (backend "triton"
-asked for by name: errors raise); "auto" races them, once per shape class and GPU (`autotune.choose`), against the
-torch composition (one GEMM pair per expert on its own rows, fp32, as `reference.moe_lora_linear`), and falls back to
-that composition, with one warning, for a shape class whose kernels fail to compile or launch. Both plans give the
-same outputs (the same t_i), so a forward on one and its backward on the other agree; the plan is chosen when the op
-runs, not when torch.compile traces it.
+asked for by name: errors raise); "composed" the torch composition (one GEMM pair per expert on its own rows, fp32,
+as `reference.moe_lora_linear`; what the torch backend runs under torch.compile); "auto" races the two, once per
+shape class and GPU (`autotune.choose`), and falls back to the composition, with one warning, for a shape class
+whose kernels fail to compile or launch. Both plans give the same outputs (the same t_i), so a forward on one and its
+backward on the other agree; the plan is chosen when the op runs, not when torch.compile traces it.
 """
 
 from __future__ import annotations
@@ -43,9 +43,12 @@ def _shape_class(x: torch.Tensor, base: torch.Tensor, lora_A: list[torch.Tensor]
 
 
 def _on_plan(plan: str, op: str, key_args: tuple, kernels, composed):
-    """`kernels()` for plan "fused"; for "auto" the faster of both for this shape class, torch where kernels fail."""
-    if plan != "auto":
+    """`kernels()` for plan "fused", `composed()` (torch) for "composed"; for "auto" the faster of both for this shape
+    class, torch where the kernels fail."""
+    if plan == "fused":
         return kernels()
+    if plan == "composed":
+        return composed()
     x = key_args[0]
     key = _shape_class(*key_args)
     candidates = {"fused": kernels, "composed": composed}
