@@ -134,7 +134,8 @@ class DoraCaching:
 
     HF PEFT caches only inside this context. peftfast caches by default: an entry is one `[out]` vector per layer,
     and it is used only for the very tensors it was computed from (see `peftfast.tuners.lora.dora`), so results are
-    the same either way. `enabled=False` turns the cache off (every forward computes the norms again)."""
+    the same either way. `enabled=False` turns the cache off (every forward computes the norms again); inside a
+    torch.compile'd forward the norms are always computed again."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled

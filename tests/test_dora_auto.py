@@ -115,10 +115,10 @@ def test_dora_race_runs_the_faster_plan_caches_it_and_both_plans_are_right(cache
     _assert_all_close(got, want)
     assert timer.calls == 4  # forward and backward, two plans each
     cache = autotune.plan_cache(DEVICE)
-    [(key, entry)] = cache.winners["dora_linear forward"].items()
+    [(key, entry)] = cache.winners["dora_linear backward"].items()
     assert entry == {"winner": winner, "ms": {winner: 1.0, loser: 2.0}}
-    assert cache.winners["dora_linear backward"][key]["winner"] == winner
-    assert key.startswith(f"dora_linear|M32|K35|N27|R5|float32|drop{int(dropout_p > 0)}")
+    assert cache.winners["dora_linear forward"][f"{key}|z1"]["winner"] == winner
+    assert key == f"dora_linear|M32|K35|N27|R5|float32|drop{int(dropout_p > 0)}|float32"
     # A new process reads the winners back from disk: no timing, and only the winner runs.
     autotune.reset()
     timer.calls = 0

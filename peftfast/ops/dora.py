@@ -160,12 +160,14 @@ def _forward_on(plan, *args):
         return _forward_kernels(*args)
     if plan == "composed":
         return _forward_composed(*args)
-    x, weight, _, lora_A, _, _, _, dropout_p, _, _ = args
+    x, weight, _, lora_A, _, _, _, dropout_p, _, store_z = args
     key = _shape_class(x, weight, lora_A, dropout_p)
     candidates = {"fused": lambda: _forward_kernels(*args), "composed": lambda: _forward_composed(*args)}
+    # Raced apart: a training forward also writes z (T x d_out), an inference one doesn't.
+    race_key = f"{key}|z{int(store_z)}"
 
     def kernels():
-        return candidates[autotune.choose("dora_linear forward", key, candidates, x.device)]()
+        return candidates[autotune.choose("dora_linear forward", race_key, candidates, x.device)]()
 
     return autotune.run_with_fallback("dora_linear", key, x.device, kernels, candidates["composed"])
 
