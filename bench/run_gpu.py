@@ -293,11 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     # -P: the checkout's own folders (peftfast/ without its kernels, kernels/ as a top-level package) must not shadow
     # the copy set up on PYTHONPATH.
     py = sys.executable
-    # Every test file of a kernel (the ones other methods add too), the autotune race, QLoRA, DoRA and MoE layers.
+    # Every test file of a kernel (the ones other methods add too), the autotune races, QLoRA, DoRA and MoE layers.
     kernel_tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*kernel*.py"))
     kernel_tests += [
         f"tests/{name}"
-        for name in ("test_autotune.py", "test_qlora.py", "test_dora.py", "test_target_parameters.py")
+        for name in (
+            "test_autotune.py",
+            "test_dora_auto.py",
+            "test_qlora.py",
+            "test_dora.py",
+            "test_target_parameters.py",
+        )
         if (ROOT / "tests" / name).exists()
     ]
     pytest = [py, "-P", "-m", "pytest", "-q", "--maxfail=20", "-p", "no:cacheprovider"]
