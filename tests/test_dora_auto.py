@@ -72,9 +72,9 @@ def _dora_exact(x, weight, bias, lora_A, lora_B, magnitude, norm, dropout_p, see
     return y, leaves
 
 
-def _dora_run(plan, dropout_p):
+def _dora_run(plan, dropout_p, **shape):
     """The custom op's output and gradients (x, A, B, magnitude) for `plan`, and the exact ones."""
-    x, weight, bias, lora_A, lora_B, magnitude, norm, grad_y = _dora_problem()
+    x, weight, bias, lora_A, lora_B, magnitude, norm, grad_y = _dora_problem(**shape)
     seed = torch.tensor([7], device=DEVICE) if dropout_p > 0 else None
     g = (magnitude / norm).float()
     y, _, _ = dora_ops.dora_linear_fwd(x, weight, bias, lora_A, lora_B, g, SCALING, dropout_p, seed, True, plan)
@@ -127,6 +127,14 @@ def test_dora_race_runs_the_faster_plan_caches_it_and_both_plans_are_right(cache
     _assert_all_close(got, want)
     assert timer.calls == 0
     assert (launches.count > 0) == (winner == "fused")
+
+
+@pytest.mark.parametrize("plan", ["fused", "composed"])
+@pytest.mark.parametrize(
+    "shape", [dict(M=0), dict(r=40), dict(M=3, N=1)], ids=["empty-batch", "rank-40", "one-output-feature"]
+)
+def test_dora_plans_on_edge_cases(plan, shape):
+    _assert_all_close(*_dora_run(plan, 0.3, **shape))
 
 
 def test_dora_plan_that_fails_drops_out_of_the_race(cache_dir, monkeypatch):
@@ -194,10 +202,10 @@ def test_dora_weight_norm_races_falls_back_and_raises_by_name(cache_dir, monkeyp
 SIZES = [9, 0, 13, 1]  # rows per expert, one expert without rows
 
 
-def _moe_problem(d_in=19, d_out=23, ranks=(3, 16)):
+def _moe_problem(sizes=SIZES, d_in=19, d_out=23, ranks=(3, 16)):
     generator = torch.Generator().manual_seed(1)
-    E, S = len(SIZES), sum(SIZES)
-    offsets = torch.tensor(SIZES).cumsum(0).to(device=DEVICE, dtype=torch.int32)
+    E, S = len(sizes), sum(sizes)
+    offsets = torch.tensor(sizes).cumsum(0).to(device=DEVICE, dtype=torch.int32)
     x = _rand(generator, S, d_in).requires_grad_()
     base = _rand(generator, S, d_out).requires_grad_()
     lora_A = [_rand(generator, E, r, d_in, scale=d_in**-0.5).requires_grad_() for r in ranks]
@@ -205,15 +213,15 @@ def _moe_problem(d_in=19, d_out=23, ranks=(3, 16)):
     return base, x, offsets, lora_A, lora_B, [0.5, 2.0], _rand(generator, S, d_out)
 
 
-def _moe_run(plan):
+def _moe_run(plan, sizes=SIZES, ranks=(3, 16)):
     """moe_lora_add_fwd's output and gradients (base, x, A_i, B_i) for `plan`, and the per-row formula's in fp64."""
-    base, x, offsets, lora_A, lora_B, scaling, grad_y = _moe_problem()
+    base, x, offsets, lora_A, lora_B, scaling, grad_y = _moe_problem(sizes, ranks=ranks)
     leaves = [base, x, *lora_A, *lora_B]
     y, _ = moe_ops.moe_lora_add_fwd(base, x, offsets, lora_A, lora_B, scaling, plan)
     got = [y, *torch.autograd.grad(y, leaves, grad_y)]
     exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
     base64, x64, *factors = exact_leaves
-    experts = torch.repeat_interleave(torch.arange(len(SIZES)), torch.tensor(SIZES)).to(DEVICE)
+    experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(DEVICE)
     exact = base64
     for A, B, s in zip(factors[:2], factors[2:], scaling):
         exact = exact + s * torch.einsum("sr,sor->so", torch.einsum("si,sri->sr", x64, A[experts]), B[experts])
@@ -239,6 +247,14 @@ def test_moe_race_runs_the_faster_plan_caches_it_and_both_plans_are_right(cache_
     _assert_all_close(*_moe_run("auto"))
     assert timer.calls == 0
     assert (launches.count > 0) == (winner == "fused")
+
+
+@pytest.mark.parametrize("plan", ["fused", "composed"])
+@pytest.mark.parametrize(
+    "sizes, ranks", [([0, 0, 0], (3, 16)), ([2, 5], (30, 1))], ids=["empty-batch", "rank-above-features"]
+)
+def test_moe_plans_on_edge_cases(plan, sizes, ranks):
+    _assert_all_close(*_moe_run(plan, sizes, ranks))
 
 
 def test_moe_kernel_failure_under_auto_warns_records_and_runs_torch_and_named_triton_raises(cache_dir, monkeypatch):

@@ -144,7 +144,9 @@ def _forward_composed(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, se
     shrunk = F.linear(dropped, lora_A.float()) * scaling
     low_rank = shrunk @ lora_B.float().T
     if dropout_p > 0:
-        base, base_dropped = F.linear(torch.cat([x, dropped.to(x.dtype)]), weight).float().split(x.shape[0])
+        # One GEMM over [x; x_d]: W read once for both products.
+        both = F.linear(torch.cat([x, dropped.to(x.dtype)]), weight).float()
+        base, base_dropped = both[: x.shape[0]], both[x.shape[0] :]
         z = base_dropped + low_rank
         y = base - base_dropped + g * z
     else:
@@ -231,7 +233,8 @@ def _backward_composed(grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling,
             from ..kernels import lora_linear as lora_kernels
 
             stacked = torch.cat([grad_y.to(weight.dtype), (dy * (g - 1)).to(weight.dtype)])
-            plain, dropped = (stacked @ weight).float().split(grad_y.shape[0])
+            both = (stacked @ weight).float()
+            plain, dropped = both[: grad_y.shape[0]], both[grad_y.shape[0] :]
             keep = lora_kernels.dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed)
             grad_x = plain + torch.where(keep, (dropped + through_adapter) / (1.0 - dropout_p), 0.0)
         else:
