@@ -137,6 +137,36 @@ def test_dora_plans_on_edge_cases(plan, shape):
     _assert_all_close(*_dora_run(plan, 0.3, **shape))
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_dora_composed_plan_in_bf16_within_twice_torch_error(dropout_p):
+    """bf16 activations and base weight, fp32 adapters (HF PEFT's default): forward and gradients within twice the
+    error of the same formula done by torch in bf16."""
+    x, weight, bias, lora_A, lora_B, magnitude, norm, grad_y = _dora_problem()
+    x = x.detach().bfloat16().requires_grad_()
+    weight, bias = weight.bfloat16(), bias.bfloat16()
+    seed = torch.tensor([7], device=DEVICE) if dropout_p > 0 else None
+    leaves = [x, lora_A, lora_B, magnitude]
+    g = (magnitude / norm).float()
+    y, _, _ = dora_ops.dora_linear_fwd(x, weight, bias, lora_A, lora_B, g, SCALING, dropout_p, seed, True, "composed")
+    assert y.dtype == torch.bfloat16
+    got = [y, *torch.autograd.grad(y, leaves, grad_y.bfloat16())]
+    exact, exact_leaves = _dora_exact(x, weight, bias, lora_A, lora_B, magnitude, norm, dropout_p, seed)
+    want = [exact, *torch.autograd.grad(exact, exact_leaves, grad_y.double())]
+    # The same formula in bf16 throughout (adapters included), by torch autograd.
+    bf16_leaves = [t.detach().bfloat16().requires_grad_() for t in leaves]
+    x16, A16, B16, m16 = bf16_leaves
+    dropped = x16
+    if dropout_p > 0:
+        keep = lora_kernels.dropout_keep_mask(*x.shape, dropout_p, seed)
+        dropped = torch.where(keep, x16 / (1 - dropout_p), 0.0)
+    g16 = m16 / norm.bfloat16()
+    y16 = x16 @ weight.T + bias + (g16 - 1) * (dropped @ weight.T) + g16 * SCALING * (dropped @ A16.T @ B16.T)
+    in_bf16 = [y16, *torch.autograd.grad(y16, bf16_leaves, grad_y.bfloat16())]
+    for actual, expected, torch_result in zip(got, want, in_bf16):
+        torch_error = (torch_result.double() - expected).abs().max()
+        assert (actual.double() - expected).abs().max() <= 2 * torch_error + 1e-3 * expected.abs().max()
+
+
 def test_dora_plan_that_fails_drops_out_of_the_race(cache_dir, monkeypatch):
     _timer(monkeypatch, {"fused": 1.0, "composed": 2.0})
     monkeypatch.setattr(dora_kernels, "dora_forward", _failing)
