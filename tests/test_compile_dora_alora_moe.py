@@ -172,6 +172,44 @@ def test_alora_whole_model_eval_compiles_and_matches_eager_and_hf_peft(tmp_path)
     assert_close(compiled(ids)[2], base[2], kind="kernel")
 
 
+_DECODE_COMPILES = []
+
+
+@torch._dynamo.register_backend(name="peftfast_alora_decode_counting")
+def _counting_backend(gm, example_inputs, **options):
+    _DECODE_COMPILES.append(gm)
+    return gm.forward
+
+
+def test_alora_compiled_decode_step_compiles_once_across_steps_and_calls():
+    """Static-cache generate with a compiled decode step (transformers' `compile_config`): one compile for every decode
+    step and every later call, whichever rows invoke the adapter, with eager's tokens."""
+    from transformers import CompileConfig
+
+    settings = dict(alora_invocation_tokens=INVOCATION, target_modules=["v_proj", "down_proj"], task_type="CAUSAL_LM")
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llama(num_hidden_layers=1), LoraConfig(init_lora_weights=False, **settings)).eval()
+
+    def generate(ids, compiled):
+        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+        if compiled:
+            config = CompileConfig(fullgraph=True, dynamic=False, backend="peftfast_alora_decode_counting")
+            config._compile_all_devices = True
+            kwargs["compile_config"] = config
+        else:
+            kwargs["disable_compile"] = True
+        with torch.no_grad():
+            return model.generate(input_ids=ids, **kwargs)
+
+    _DECODE_COMPILES.clear()
+    for row in (0, 1):
+        ids = torch.randint(10, 101, (2, 6), generator=torch.Generator().manual_seed(row))
+        ids[row, 1:3] = torch.tensor(INVOCATION)
+        assert torch.equal(generate(ids, compiled=True), generate(ids, compiled=False))
+        assert len(_DECODE_COMPILES) == 1
+    assert dict(counters["graph_break"]) == {}
+
+
 # ------------------------------------------------------------------------------------------------------------- MoE
 
 

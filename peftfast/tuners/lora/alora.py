@@ -10,9 +10,11 @@ format the offsets are a list with one int or None per row (`alora_offsets=[...]
 
 Cost: the offsets are found on the device once per `forward`/`generate` call (no host sync), and turned into a
 token mask once per call and tokens-per-row (prefill, then decode steps of one token) by `AloraOffsets`, the one
-object every aLoRA layer of the call shares. Each layer then computes its adapter term for all tokens and selects it
-with `where` (`ops.lora_add_masked`): static shapes, no host sync, traceable. HF PEFT instead builds the mask in every
-layer from a Python list and gathers the selected tokens by boolean indexing, a device-to-host sync per layer.
+object every aLoRA layer of the call shares (inside a compiled graph, by the graph's own ops: no cache to guard on).
+Each layer then computes its adapter term for all tokens and selects it with `where` (`ops.lora_add_masked`): static
+shapes, no host sync, traceable. HF PEFT instead builds the mask in every layer from a Python list and gathers the
+selected tokens by boolean indexing, a device-to-host sync per layer. The offsets reach the layers through one
+attribute per layer (`AloraOffsetsSource`), not through hooks registered per call.
 """
 
 from __future__ import annotations
@@ -63,16 +65,21 @@ class AloraOffsets:
         """The offsets with each row repeated `times` times in place (generate's `num_return_sequences`)."""
         return AloraOffsets(self.offsets.repeat_interleave(times))
 
+    def _build_mask(self, tokens: int, device: torch.device) -> torch.Tensor:
+        positions = torch.arange(tokens, device=device)
+        return positions >= tokens - self.offsets.to(device).clamp(max=tokens).unsqueeze(1)
+
     def token_mask(self, tokens: int, device: torch.device) -> torch.Tensor:
         """mask[i, t] = t >= tokens - offsets[i]: the last offsets[i] of the row's `tokens` tokens, bool
         [rows, tokens] on `device`."""
+        if torch.compiler.is_compiling():
+            # Traced, a lookup would make the graph guard on the cache's keys: a graph traced at a decode step whose
+            # mask wasn't cached yet recompiles at the next one. In a graph the mask is a few fused ops anyway.
+            return self._build_mask(tokens, device)
         key = (tokens, torch.device(device))
         mask = self._masks.get(key)
         if mask is None:
-            offsets = self.offsets.to(device)
-            positions = torch.arange(tokens, device=device)
-            mask = positions >= tokens - offsets.clamp(max=tokens).unsqueeze(1)
-            self._masks[key] = mask
+            mask = self._masks[key] = self._build_mask(tokens, device)
         return mask
 
 
