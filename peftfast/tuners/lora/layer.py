@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from ... import ops
 from ...utils.constants import UPCAST_DTYPES
@@ -580,9 +581,20 @@ def _parameter(module: nn.Module, name: str) -> torch.Tensor | None:
     return parameters[name] if name in parameters else getattr(module, name)
 
 
+def _runs_plain(module: nn.Module) -> bool:
+    """Nothing runs around `module`'s forward: no forward (pre-)hooks and no forward replaced on the instance (how
+    accelerate's offload and device-map hooks attach, bringing the weights in for the call). Only then may a fused
+    path read its weights instead of calling it."""
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _no_global_module_hooks() -> bool:
+    return not (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     """A bare nn.Linear with no hooks: its GEMM can be fused with the LoRA term."""
-    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+    return type(module) is nn.Linear and _runs_plain(module)
 
 
 def _plain_dense_weight(module: nn.Module) -> torch.Tensor | None:
@@ -591,7 +603,7 @@ def _plain_dense_weight(module: nn.Module) -> torch.Tensor | None:
     if _is_plain_linear(module):
         return module.weight
     is_conv1d = type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
-    if is_conv1d and not module._forward_hooks and not module._forward_pre_hooks:
+    if is_conv1d and _runs_plain(module):
         return module.weight.T
     return None
 
@@ -740,6 +752,8 @@ class Linear(nn.Module, LoraLayer):
         aLoRA adapter get its term from `ops.lora_add_masked` instead, on the tokens their offsets select; a DoRA
         adapter's rows are rescaled after. Eagerly those rows are gathered (the batch's names are known on the host);
         traced, every row is computed and the adapter's rows selected by a mask, so the graph stays the same."""
+        if not self._adapters_run_plain(list(self.lora_A)):
+            return self._mixed_batch_through_modules(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         batch = MixedBatch.of(adapter_names, tuple(self.lora_A))
         if x.numel() == 0:
@@ -821,10 +835,10 @@ class Linear(nn.Module, LoraLayer):
         plain = [name for name in active if name not in activated] if activated else active
         if not plain:
             result = self.base_layer(x, *args, **kwargs)
-        elif not self.cast_input_dtype_enabled:
-            result = self._forward_through_modules(x, plain, *args, **kwargs)
-        else:
+        elif self.cast_input_dtype_enabled and self._adapters_run_plain(plain):
             result = self._forward_with_adapters(x, plain, *args, **kwargs)
+        else:
+            result = self._forward_through_modules(x, plain, *args, **kwargs)
         if not activated:
             return result
         # HF PEFT's aLoRA term casts x to the adapter's dtype whatever cast_input_dtype_enabled says.
@@ -833,17 +847,50 @@ class Linear(nn.Module, LoraLayer):
         self._record_backend("lora_add_masked")
         return result
 
+    def _adapters_run_plain(self, active: list[str]) -> bool:
+        """No hook runs around the `active` adapters' lora_A, lora_B and dropout modules (nor any global module
+        hook), so the fused ops may read their weights instead of calling them."""
+        if not _no_global_module_hooks():
+            return False
+        modules = self._modules
+        holders = (modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_dropout"]._modules)
+        return all(_runs_plain(holder[name]) for name in active for holder in holders)
+
     def _forward_through_modules(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """HF PEFT's composition, calling lora_A and lora_B as modules on the uncast x: with input casting off, hooks
-        on those modules (diffusers' layerwise casting) manage the dtypes, so the modules themselves must run."""
+        """HF PEFT's composition, calling lora_A and lora_B as modules, so that hooks on them run: with input casting
+        off, hooks (diffusers' layerwise casting) manage the dtypes on the uncast x; accelerate's offload hooks bring
+        the weights in for the call."""
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for name in active:
             if name in self.lora_magnitude_vector:
                 result = self._dora_output(result, x, name)
             else:
-                result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+                result = result + self._term_through_modules(x, name)
         return result.to(result_dtype)
+
+    def _term_through_modules(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora_A = self.lora_A[name]
+        inputs = x.to(lora_A.weight.dtype) if self.cast_input_dtype_enabled else x
+        return self.lora_B[name](lora_A(self.lora_dropout[name](inputs))) * self.scaling[name]
+
+    def _mixed_batch_through_modules(self, x: torch.Tensor, *args: Any, adapter_names: Any, **kwargs: Any):
+        """A mixed batch when hooks run around the adapter modules (accelerate's offload): each adapter's rows
+        through its modules, as HF PEFT computes them."""
+        result = self.base_layer(x, *args, **kwargs)
+        groups = AdapterRowGroups.of(adapter_names)
+        for name in groups.groups:
+            if name == "__base__" or name not in self.lora_A:
+                continue
+            if name in self.lora_magnitude_vector or self.use_alora.get(name):
+                raise NotImplementedError(
+                    f"Adapter {name!r} is a DoRA or aLoRA adapter in a mixed batch while hooks run around its "
+                    "lora_A/lora_B modules (accelerate's offload, for one): peftfast computes these terms from the "
+                    "weights, which the hooks only bring in for a module call. Run without offloading this layer."
+                )
+            rows = groups.rows(name, x.device)
+            result[rows] = (result[rows] + self._term_through_modules(x[rows], name)).to(result.dtype)
+        return result
 
     def _forward_with_adapters(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the `active` adapters' terms: fused with the base GEMM for a bare nn.Linear, added to
