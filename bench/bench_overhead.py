@@ -4,9 +4,17 @@ what is timed is Python, dispatch and autograd bookkeeping (what bounds small-ba
 Providers, all timing the whole layer call on the same inputs:
     base            the bare nn.Linear the LoRA layer wraps (the floor);
     hf_peft         HF PEFT's LoRA layer (peft.get_peft_model on a one-layer model);
-    peftfast_torch  peftfast's LoRA layer on the torch backend (what "auto" picks for CPU tensors; checked once).
-A provider is a function of the case returning a no-argument call (`PROVIDERS`); a kernel-path provider (the triton
-backend with every launch made a no-op, so that only its host side is timed) slots in the same way.
+    peftfast_torch  peftfast's LoRA layer on the torch backend (what "auto" picks for CPU tensors; checked once);
+    peftfast_triton_noop
+                    peftfast's LoRA layer on the triton backend with every Triton kernel launch made a no-op: only
+                    the host side of the kernel path is timed (layer forward, dispatch, custom op and autograd,
+                    launchers with their shape checks, allocations, grids and configs, up to `kernel[grid](...)`).
+A provider is a function of the case returning a no-argument call (`PROVIDERS`).
+
+The no-op seam is the Triton interpreter's `InterpretedFunction.run` (this script sets TRITON_INTERPRET=1 so that the
+triton backend serves CPU tensors): it is what `kernel[grid](*args)` calls, so every argument is built and passed as
+for a real launch, and nothing of the kernel runs. Not timed, because it is Triton's and not peftfast's: on a GPU,
+`JITFunction.run`'s own binding and launch (a few us a launch).
 
 Modes: "eval" (a forward under torch.no_grad, the LoRA layer in eval mode) and "train" (forward and backward with
 dropout 0, the layer in training mode, gradients reset to None before each call).
@@ -25,6 +33,7 @@ Rows are appended to <output-dir>/overhead-cpu.csv with the versions and git com
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -33,10 +42,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
+# Before Triton compiles anything: the triton backend then serves CPU tensors (see peftfast_triton_noop).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from peftfast.bench import ENVIRONMENT_COLUMNS, add_output_dir_argument, append_csv, environment
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from peftfast.bench import ENVIRONMENT_COLUMNS, add_output_dir_argument, append_csv, environment  # noqa: E402
 
 COLUMNS = ENVIRONMENT_COLUMNS + ("mode", "tokens", "features", "rank", "provider", "us_per_call", "vs_hf_peft")
 MODES = ("eval", "train")
@@ -108,10 +120,44 @@ def _peftfast_torch(case: Case, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def _no_launch(self, *args, grid, warmup, **kwargs) -> None:
+    return None
+
+
+def _peftfast_triton_noop(case: Case, x: torch.Tensor) -> Callable[[], object]:
+    import peftfast
+    from peftfast.ops import dispatch
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("peftfast_triton_noop needs TRITON_INTERPRET=1 when Triton is first imported.")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    layer = _lora_layer(peftfast, case)
+    run = _call(layer, x, case.mode)
+    launch = InterpretedFunction.run
+
+    def step() -> object:
+        # The backend and the no-op launches are switched on for this provider's calls only (cost: four attribute
+        # writes a call, counted against it).
+        dispatch.set_backend("triton")
+        InterpretedFunction.run = _no_launch
+        try:
+            return run()
+        finally:
+            InterpretedFunction.run = launch
+            dispatch.set_backend(None)
+
+    step()
+    if layer.last_backend != "triton":
+        raise RuntimeError(f"peftfast_triton_noop should run on the triton backend; it ran on {layer.last_backend!r}.")
+    return step
+
+
 PROVIDERS: dict[str, Callable[[Case, torch.Tensor], Callable[[], object]]] = {
     "base": _base,
     "hf_peft": _hf_peft,
     "peftfast_torch": _peftfast_torch,
+    "peftfast_triton_noop": _peftfast_triton_noop,
 }
 
 
@@ -159,7 +205,7 @@ def main() -> int:
             result = measure(case, args.rounds, args.calls)
             print(f"{mode} x [{tokens}, {args.features}] r={args.rank}:")
             for provider, numbers in result.items():
-                print(f"  {provider:<16} {numbers['us_per_call']:7.2f} us/call  {numbers['vs_hf_peft']:.2f}x hf_peft")
+                print(f"  {provider:<20} {numbers['us_per_call']:7.2f} us/call  {numbers['vs_hf_peft']:.2f}x hf_peft")
                 rows.append(
                     {
                         **env,
