@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 # GPU tensor-core dots need every dimension >= 16: the rank dimension is padded to a power of two >= 16 in the
@@ -76,7 +78,7 @@ def _keep_rows_cols(key, rows, cols, width, p):
 
 
 def _rank_block(r: int) -> int:
-    return max(MIN_DOT, triton.next_power_of_2(r))
+    return max(MIN_DOT, next_power_of_2(r))
 
 
 def device_properties(tensor: torch.Tensor) -> dict[str, int]:
@@ -417,12 +419,12 @@ def dual_matmul(
     )
     if _on_interpreter(ref):
         # The interpreter is slow and autotuning would multiply that: one small config.
-        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
+        grid = (cdiv(M, 32) * cdiv(N, 32),)
         _dual_matmul_kernel[grid](*args, **common, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
     else:
 
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
         _dual_matmul_tuned[grid](*args, **common)
     return out
@@ -519,7 +521,7 @@ def lora_shrink(
         stages = _fitting_stages(
             device_properties(x), (block_m * block_k, x.element_size()), (block_k * block_r, lora_A.element_size())
         )
-    _lora_shrink_kernel[(triton.cdiv(M, block_m),)](
+    _lora_shrink_kernel[(cdiv(M, block_m),)](
         x,
         lora_A,
         out,
@@ -641,7 +643,7 @@ def lora_grad_dy(
             (block_m * block_n, grad_out.element_size()),
             (block_n * block_r, lora_B.element_size()),
         )
-    _lora_grad_dy_kernel[(triton.cdiv(M, block_m),)](
+    _lora_grad_dy_kernel[(cdiv(M, block_m),)](
         grad_out,
         lora_B,
         shrunk,
@@ -763,15 +765,15 @@ def lora_grad_a(
         stages = _fitting_stages(
             device_properties(x), (block_m * block_r, grad_s.element_size()), (block_m * block_k, x.element_size())
         )
-    k_blocks = triton.cdiv(K, block_k)
-    m_blocks = triton.cdiv(M, block_m)
+    k_blocks = cdiv(K, block_k)
+    m_blocks = cdiv(M, block_m)
     # d_in / BLOCK_K programs alone under-fill a GPU (32 for d_in=4096 on 132 SMs): split the token loop so there
     # are about two programs per SM. Unmeasured tuning (no GPU yet); the interpreter runs one split.
     splits = 1 if _on_interpreter(x) else max(1, min(m_blocks, (2 * _sm_count(x)) // k_blocks))
     if max_splits is not None:
         splits = max(1, min(splits, max_splits, m_blocks))
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    rows_per_split = cdiv(m_blocks, splits) * block_m
+    splits = cdiv(M, rows_per_split)
     _lora_grad_a_kernel[(k_blocks, splits)](
         grad_s,
         x,
@@ -820,5 +822,5 @@ def dropout_keep_mask(M: int, K: int, p: float, seed: torch.Tensor) -> torch.Ten
     _check_seed("dropout_keep_mask", 1.0, seed)
     keep = torch.empty(M, K, device=seed.device, dtype=torch.bool)
     if M * K:
-        _dropout_keep_mask_kernel[(triton.cdiv(M * K, 1024),)](keep, M * K, seed, p, BLOCK=1024)
+        _dropout_keep_mask_kernel[(cdiv(M * K, 1024),)](keep, M * K, seed, p, BLOCK=1024)
     return keep

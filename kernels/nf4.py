@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .lora_linear import _TORCH_TO_TL, MIN_DOT, _precision, _rank_block
 
 # Flat element indices are int32 inside the kernels.
@@ -113,7 +114,7 @@ def _check_storage(
     packed_bytes = packed.contiguous().view(-1).view(torch.uint8)
     if packed_bytes.numel() < (numel + 1) // 2:
         raise ValueError(f"nf4: {packed_bytes.numel()} packed bytes can't hold {numel} 4-bit values.")
-    if absmax.numel() < triton.cdiv(numel, blocksize):
+    if absmax.numel() < cdiv(numel, blocksize):
         raise ValueError(f"nf4: {absmax.numel()} absmax values for {numel} values in blocks of {blocksize}.")
     if code.numel() != 16:
         raise ValueError(f"nf4: the code table has {code.numel()} entries, expected 16.")
@@ -160,7 +161,7 @@ def nf4_dequantize(
     # 1024 bytes (2048 values) per program: enough bytes in flight per SM to stream at full bandwidth, assumed from
     # the usual elementwise-kernel sizing; not measured on a GPU yet.
     block_bytes = 256 if packed.device.type == "cpu" else 1024
-    _nf4_dequantize_kernel[(triton.cdiv(numel, 2 * block_bytes),)](
+    _nf4_dequantize_kernel[(cdiv(numel, 2 * block_bytes),)](
         packed_bytes,
         absmax,
         code,
@@ -417,7 +418,7 @@ def nf4_lora_matmul(
         return out
     nested = absmax_code is not None
     dot_dtype = dot_dtype or x.dtype
-    block_m = max(MIN_DOT, min(64, triton.next_power_of_2(M)))
+    block_m = max(MIN_DOT, min(64, next_power_of_2(M)))
     # Whole blocks per row (the usual case: K = 4096, blocksize 64) take the layout that reads each row's bytes as a
     # contiguous run and each scale once per block; the blocksize is then a power of two, as bitsandbytes' are.
     row_blocks = K % 2 == 0 and K % blocksize == 0 and blocksize & (blocksize - 1) == 0
@@ -468,14 +469,14 @@ def nf4_lora_matmul(
         # (rare: K not a multiple of the blocksize) read nibble and scale per element, which takes a small tile
         # (32 x 64, 2 stages) to stay clear of spills.
         block_n, block_k, stages = (32, 64, 1) if x.device.type == "cpu" else (32, 64, 2)
-        grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+        grid = (cdiv(N, block_n), cdiv(M, block_m))
         _nf4_lora_matmul_kernel[grid](
             *args, **meta, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, enable_fp_fusion=False
         )
     else:
 
         def grid(config):
-            return (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(M, block_m))
+            return (cdiv(N, config["BLOCK_N"]), cdiv(M, block_m))
 
         _nf4_lora_matmul_tuned[grid](*args, **meta, enable_fp_fusion=False)
     return out

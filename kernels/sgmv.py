@@ -23,13 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .lora_linear import _TORCH_TO_TL, MIN_DOT, _on_interpreter, _precision
 
 
 def _rank_block(r_max: int) -> int:
     # GPU dots need every dim >= 16; ranks above 64 loop over blocks of 64 (registers stay within a BLOCK_M x 64
     # fp32 accumulator, as in `lora_linear`'s dual_matmul).
-    return min(max(MIN_DOT, triton.next_power_of_2(max(r_max, 1))), 64)
+    return min(max(MIN_DOT, next_power_of_2(max(r_max, 1))), 64)
 
 
 def _check_layout(name: str, x: torch.Tensor, token_order: torch.Tensor, tiles: torch.Tensor) -> None:
@@ -184,7 +185,7 @@ def _shrink_split_k(n_tiles: int, K: int, block_k: int) -> int:
     least 4 K-blocks so the atomic adds stay a small share of the work. Not yet tuned on a GPU."""
     wanted = max(1, 128 // max(n_tiles, 1))
     most = max(1, K // (4 * block_k))
-    return min(triton.next_power_of_2(wanted), triton.next_power_of_2(most + 1) // 2)
+    return min(next_power_of_2(wanted), next_power_of_2(most + 1) // 2)
 
 
 def lora_shrink_sgmv(
@@ -220,7 +221,7 @@ def lora_shrink_sgmv(
     block_k = 32 if _on_interpreter(x) else 128
     if split_k is None:
         split_k = 1 if _on_interpreter(x) else _shrink_split_k(tiles.shape[0], K, block_k)
-    grid = (tiles.shape[0], triton.cdiv(r_max, block_r), split_k)
+    grid = (tiles.shape[0], cdiv(r_max, block_r), split_k)
     _sgmv_shrink_kernel[grid](
         x,
         lora_A,
@@ -279,7 +280,7 @@ def lora_expand_sgmv(
     block_n = 32 if _on_interpreter(y) else 64
     bias = lora_B_bias if lora_B_bias is not None else scaling
     bias_strides = (lora_B_bias.stride(0), lora_B_bias.stride(1)) if lora_B_bias is not None else (0, 0)
-    _sgmv_expand_kernel[(tiles.shape[0], triton.cdiv(N, block_n))](
+    _sgmv_expand_kernel[(tiles.shape[0], cdiv(N, block_n))](
         shrunk,
         lora_B_t,
         bias,
