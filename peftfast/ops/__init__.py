@@ -17,7 +17,13 @@ dispatch.register("lora_linear", "torch", reference.lora_linear)
 dispatch.register("lora_add", "torch", reference.lora_add)
 dispatch.register("lora_add_masked", "torch", reference.lora_add_masked)
 # `autograd` imports Triton only when a kernel runs, so `import peftfast` works without it.
-dispatch.register("lora_linear", "triton", autograd.lora_linear_triton, can_serve=autograd.can_run_lora_linear)
+dispatch.register(
+    "lora_linear",
+    "triton",
+    autograd.lora_linear_triton,
+    can_serve=autograd.can_run_lora_linear,
+    signature=autograd.lora_linear_signature,
+)
 
 _last_backend: dict[str, str] = {}
 

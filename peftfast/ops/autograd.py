@@ -10,7 +10,14 @@ Each op runs one of these plans (the `plan` argument):
 - "composed": cuBLAS for the base GEMM (F.linear, torch.mm) and the LoRA term from the small kernels, accumulated
   into its output in place;
 - "auto": whichever of the two `autotune.choose` timed faster for this shape class on this GPU, and torch (the same
-  math, in plain torch ops) for a shape class whose kernels fail to compile or launch here (see `autotune`).
+  math, in plain torch ops) for a shape class whose kernels fail to compile or launch here (see `autotune`). The
+  plan "auto" settles on is remembered per shape class (`settled_plan`) until the autotune state changes.
+
+The boundary `lora_linear_triton` crosses depends on the call, for host time (eager small-batch decode on a GPU is
+bound by it): traced by torch.compile, the custom ops (their fakes trace the shapes); eager with something requiring
+grad, `_LoraLinearFunction` (a plain autograd.Function over the same `forward` and `backward`: the custom op's
+dispatch and autograd wrapping cost more than the launches at small shapes); eager with nothing requiring grad,
+`forward` itself. All three compute the same thing with the same code.
 """
 
 from __future__ import annotations
@@ -49,10 +56,12 @@ def _seed(seeds: torch.Tensor | None, index: int, p: float) -> torch.Tensor | No
 def shape_class(op: str, x: torch.Tensor, out_features: int, ranks: Sequence[int], dropout_p: Sequence[float]) -> str:
     """The key plans are raced and failures recorded under: rows bucketed to powers of two, the exact features,
     total rank, dtypes and whether dropout is on."""
-    return (
-        f"{op}|M{autotune.size_class(x.shape[0])}|K{x.shape[1]}|N{out_features}|R{sum(ranks)}|"
-        f"{str(x.dtype).removeprefix('torch.')}|drop{int(any(p > 0 for p in dropout_p))}"
-    )
+    dropout = any(p > 0 for p in dropout_p)
+    return _format_class(op, autotune.size_class(x.shape[0]), x.shape[1], out_features, sum(ranks), x.dtype, dropout)
+
+
+def _format_class(op: str, m: int, k: int, n: int, rank: int, dtype: torch.dtype, dropout: bool) -> str:
+    return f"{op}|M{m}|K{k}|N{n}|R{rank}|{str(dtype).removeprefix('torch.')}|drop{int(dropout)}"
 
 
 # --------------------------------------------------------------------------------------------------------- forward
@@ -107,13 +116,75 @@ def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tens
     return torch.where(keep, x.float() / (1.0 - p), 0.0)
 
 
+# (direction, shape class fields, device, autotune state) -> the plan "auto" settled on; see `settled_plan`.
+_SETTLED: dict[tuple, str] = {}
+
+
+def _class_fields(x, out_features, lora_A, dropout_p) -> tuple:
+    # The fields of `shape_class`, without building its string.
+    rank = 0
+    for A in lora_A:
+        rank += A.shape[0]
+    dropout = False
+    for p in dropout_p:
+        dropout = dropout or p > 0
+    return autotune.size_class(x.shape[0]), x.shape[1], out_features, rank, x.dtype, dropout, x.device
+
+
+def settled_plan(direction: str, fields: tuple) -> str | None:
+    """The plan `auto` runs for this shape class once it is settled: the race's cached winner ("fused" or
+    "composed"), or "torch" where the kernels failed here; None while unsettled (the race, or a failure, is still to
+    come, or autotuning is off and nothing is cached). Keyed on `autotune.state()`, so any change there (a winner
+    stored, a failure recorded, the switch or the cache reset) is seen at once."""
+    return _SETTLED.get((direction, fields, autotune.state()))
+
+
+def _settle(direction: str, fields: tuple, op: str, key: str, device: torch.device) -> None:
+    cache = autotune.plan_cache(device)
+    plan = "torch" if cache.failure("lora_linear", key) is not None else cache.winner(op, key)
+    if plan is None and not autotune.enabled():
+        # With autotuning off `choose` answers its default for every call of this class (nothing is raced).
+        plan = autotune.DEFAULT_PLAN
+    if plan is not None:
+        if len(_SETTLED) >= 4096:
+            _SETTLED.clear()
+        _SETTLED[(direction, fields, autotune.state())] = plan
+
+
+def _run_settled(plan, x, kernels, fallback, fields):
+    """`kernels()` for a settled kernel plan, and the fallback of `run_with_fallback` should it fail after all."""
+    if plan == "torch":
+        return fallback()
+    try:
+        return kernels()
+    except Exception as error:
+        if not autotune.is_kernel_failure(error):
+            raise
+        autotune.record_failure("lora_linear", _class_key(fields), error, x.device)
+        return fallback()
+
+
+def _class_key(fields: tuple) -> str:
+    return _format_class("lora_linear", *fields[:-1])
+
+
 def forward(plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, S) for `plan` ("fused", "composed" or "auto"); see the module docstring."""
     if plan != "auto":
         shrunk = _shrink_all(x, lora_A, scaling, dropout_p, seeds)
         expand = expand_fused if plan == "fused" else expand_composed
         return expand(x, weight.T if plan == "fused" else weight, bias, shrunk, _cat_B(lora_B)), shrunk
-    key = shape_class("lora_linear", x, weight.shape[0], [A.shape[0] for A in lora_A], dropout_p)
+    fields = _class_fields(x, weight.shape[0], lora_A, dropout_p)
+    settled = settled_plan("forward", fields)
+    if settled is not None:
+        return _run_settled(
+            settled,
+            x,
+            lambda: forward(settled, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds),
+            lambda: _forward_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds),
+            fields,
+        )
+    key = _class_key(fields)
 
     def kernels() -> tuple[torch.Tensor, torch.Tensor]:
         shrunk = _shrink_all(x, lora_A, scaling, dropout_p, seeds)
@@ -125,13 +196,15 @@ def forward(plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds) ->
         chosen = autotune.choose("lora_linear forward", key, candidates, x.device)
         return candidates[chosen](), shrunk
 
-    return autotune.run_with_fallback(
+    result = autotune.run_with_fallback(
         "lora_linear",
         key,
         x.device,
         kernels,
         lambda: _forward_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds),
     )
+    _settle("forward", fields, "lora_linear forward", key, x.device)
+    return result
 
 
 @torch.library.custom_op("peftfast::lora_linear_fwd", mutates_args=())
@@ -269,10 +342,18 @@ def backward(plan, grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout
     args = (grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad)
     if plan != "auto":
         return _backward_kernels(*args, plan)
-    key = shape_class("lora_linear", x, weight.shape[0], [A.shape[0] for A in lora_A], dropout_p)
-    return autotune.run_with_fallback(
+    fields = _class_fields(x, weight.shape[0], lora_A, dropout_p)
+    settled = settled_plan("backward", fields)
+    if settled is not None:
+        return _run_settled(
+            settled, x, lambda: _backward_kernels(*args, settled), lambda: _backward_torch(*args), fields
+        )
+    key = _class_key(fields)
+    result = autotune.run_with_fallback(
         "lora_linear", key, x.device, lambda: _backward_kernels(*args, plan), lambda: _backward_torch(*args)
     )
+    _settle("backward", fields, "lora_linear backward", key, x.device)
+    return result
 
 
 @torch.library.custom_op("peftfast::lora_linear_bwd", mutates_args=())
@@ -364,6 +445,20 @@ def can_run_lora_linear(x, weight, bias, lora_A, lora_B, lora_B_bias=None, *args
     return x.numel() < 2**31 and triton_available()
 
 
+def lora_linear_signature(x, weight, bias, lora_A, lora_B, lora_B_bias=None, *args, **kwargs) -> tuple:
+    """Everything of a `lora_linear` call that `can_run_lora_linear` reads (devices, dtypes, the base weight's
+    requires_grad, the adapter count, B biases, whether x fits int32 offsets): the key its resolution is cached on."""
+    signature = [x.device, x.dtype, x.numel() < 2**31, weight.device, weight.dtype, weight.requires_grad, len(lora_A)]
+    signature.append(None if bias is None else bias.device)
+    for A in lora_A:
+        signature += (A.device, A.dtype)
+    for B in lora_B:
+        signature += (B.device, B.dtype)
+    if lora_B_bias:
+        signature.append(any(b is not None for b in lora_B_bias))
+    return tuple(signature)
+
+
 def requested_plan() -> str:
     """ "fused" when backend "triton" was asked for by name (it runs what was asked), else "auto"."""
     from .dispatch import get_backend
@@ -371,13 +466,68 @@ def requested_plan() -> str:
     return "fused" if get_backend() == "triton" else "auto"
 
 
+class _LoraLinearFunction(torch.autograd.Function):
+    """The eager autograd boundary: `forward` and `backward` as the custom ops run them, without their dispatch.
+
+    apply(x, weight, bias, plan, scaling, dropout_p, seeds, n_adapters, *lora_A, *lora_B) -> y (the adapters are
+    separate arguments so that autograd sees them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, scaling, dropout_p, seeds, n_adapters, *adapters):
+        lora_A, lora_B = list(adapters[:n_adapters]), list(adapters[n_adapters:])
+        y, shrunk = forward(plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds)
+        ctx.save_for_backward(x, weight, shrunk, seeds, *adapters)
+        ctx.plan, ctx.scaling, ctx.dropout_p, ctx.n_adapters = plan, scaling, dropout_p, n_adapters
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, shrunk, seeds, *adapters = ctx.saved_tensors
+        n = ctx.n_adapters
+        needs = ctx.needs_input_grad
+        grad_x, grad_A, grad_B = backward(
+            ctx.plan,
+            grad_y.contiguous(),
+            x,
+            weight,
+            adapters[:n],
+            adapters[n:],
+            shrunk,
+            ctx.scaling,
+            ctx.dropout_p,
+            seeds,
+            needs[0],
+        )
+        grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
+        return (grad_x if needs[0] else None, None, grad_bias, None, None, None, None, None, *grad_A, *grad_B)
+
+
+def _requires_grad(x, bias, lora_A, lora_B) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or (bias is not None and bias.requires_grad):
+        return True
+    for tensor in lora_A:
+        if tensor.requires_grad:
+            return True
+    for tensor in lora_B:
+        if tensor.requires_grad:
+            return True
+    return False
+
+
 def lora_linear_triton(x, weight, bias, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training):
     """The Triton `lora_linear`: same semantics and arguments as `reference.lora_linear`."""
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     ps = [float(p) if training else 0.0 for p in dropout_p]
-    seeds = new_seeds(len(ps), x.device) if any(p > 0 for p in ps) else None
-    y, _ = lora_linear_fwd(
-        x2d, weight, bias, list(lora_A), list(lora_B), [float(s) for s in scaling], ps, seeds, requested_plan()
-    )
-    return y.reshape(*lead, weight.shape[0])
+    seeds = new_seeds(len(ps), x.device) if training and any(p > 0 for p in ps) else None
+    scaling = [float(s) for s in scaling]
+    plan = requested_plan()
+    if torch.compiler.is_compiling():
+        y, _ = lora_linear_fwd(x2d, weight, bias, list(lora_A), list(lora_B), scaling, ps, seeds, plan)
+    elif _requires_grad(x2d, bias, lora_A, lora_B):
+        y = _LoraLinearFunction.apply(x2d, weight, bias, plan, scaling, ps, seeds, len(lora_A), *lora_A, *lora_B)
+    else:
+        y, _ = forward(plan, x2d, weight, bias, lora_A, lora_B, scaling, ps, seeds)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..version import __version__
+from .dispatch import environment_is_set
 
 SWITCH = "PEFTFAST_AUTOTUNE"
 CACHE_DIR_VARIABLE = "PEFTFAST_CACHE_DIR"
@@ -44,9 +45,33 @@ class KernelFailure(RuntimeError):
     """A kernel that could not be compiled or launched on this GPU (raised by tests to stand for one)."""
 
 
+_switch_values: dict[Any, bool] = {}
+
+
 def enabled() -> bool:
     """Whether `auto` races plans (PEFTFAST_AUTOTUNE unset or anything but "0")."""
-    return os.environ.get(SWITCH, "1").strip() != "0"
+    raw = environment_is_set(SWITCH)
+    if raw is None:
+        return True
+    value = _switch_values.get(raw)
+    if value is None:
+        value = _switch_values[raw] = os.environ.get(SWITCH, "1").strip() != "0"
+    return value
+
+
+# Bumped by every change to what `choose` and `failed` would answer (a winner stored, a failure recorded, the caches
+# reset, another timer): callers that remember a settled plan key it on `state()`.
+_generation = 0
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
+
+
+def state() -> tuple[int, bool]:
+    """Changes whenever a plan `choose` or `failed` settled on might change: (generation, autotuning switch)."""
+    return _generation, enabled()
 
 
 def cache_dir() -> Path:
@@ -161,12 +186,14 @@ def reset() -> None:
     with _lock:
         _caches.clear()
         _warned.clear()
+        _changed()
 
 
 def set_timer(timer: Timer | None) -> None:
     """Time plans with `timer(fn) -> milliseconds` instead of `triton.testing.do_bench` (None: back to it)."""
     global _timer
     _timer = timer
+    _changed()
 
 
 def _do_bench(fn: Callable[[], object]) -> float:
@@ -213,6 +240,7 @@ def record_failure(op: str, key: str, error: BaseException, device: torch.device
     name = op if plan is None else f"{op} ({plan})"
     with _lock:
         cache.failures.setdefault(name, {})[key] = _describe(error)
+        _changed()
     cache.save()
     where = cache.path if cache.persistent else "memory"
     if plan is None:
@@ -281,6 +309,7 @@ def choose(
             "winner": winner,
             "ms": {name: (None if math.isinf(t) else round(t, 5)) for name, t in times.items()},
         }
+        _changed()
     cache.save()
     return winner
 
