@@ -331,6 +331,35 @@ def _on_interpreter(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
+# Launch plans: what a launcher derives from its tensors' shapes, strides and dtypes (the checks, block sizes, stages,
+# grid, integer arguments and meta-parameters), built once per distinct combination and target and reused, so that a
+# call of a known shape costs a key and a dict lookup besides the launch (host time bounds small-batch decode).
+_LAUNCH_PLANS: dict[tuple, tuple] = {}
+# Far more than the shapes of any model (a few per layer kind); a bound on memory for shape-varying workloads.
+_MAX_LAUNCH_PLANS = 4096
+
+
+def remember_launch(key: tuple, plan: tuple) -> tuple:
+    """Store `plan` under `key` (tests spy on this to count how often plans are built)."""
+    if len(_LAUNCH_PLANS) >= _MAX_LAUNCH_PLANS:
+        _LAUNCH_PLANS.clear()
+    _LAUNCH_PLANS[key] = plan
+    return plan
+
+
+def _layout(tensor: torch.Tensor | None) -> tuple | None:
+    return None if tensor is None else (tensor.shape, tensor.stride(), tensor.dtype)
+
+
+def _target(tensor: torch.Tensor) -> tuple | None:
+    """Besides shapes, what a launch plan depends on: the interpreter (None), or the limits of the GPU the launch
+    goes to (the compile gate's stand-in drivers report different ones for the same `meta` device)."""
+    if _on_interpreter(tensor):
+        return None
+    properties = device_properties(tensor)
+    return tensor.device, properties["max_shared_mem"], properties["multiprocessor_count"]
+
+
 def _check_seed(name: str, dropout_p: float, seed: torch.Tensor | None) -> None:
     if dropout_p > 0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
         got = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)}"
@@ -360,6 +389,51 @@ def dual_matmul(
         raise ValueError("dual_matmul needs at least one product.")
     _check_seed("dual_matmul", dropout_p, seed)
     ref = a1 if a1 is not None else a2
+    if out is None:
+        N = (b1 if b1 is not None else b2).shape[1]
+        out = torch.empty(ref.shape[0], N, device=ref.device, dtype=out_dtype or ref.dtype)
+    key = (
+        "dual_matmul",
+        _layout(a1),
+        _layout(b1),
+        _layout(a2),
+        _layout(b2),
+        None if bias is None else bias.shape,
+        out.shape,
+        out.stride(),
+        out.dtype,
+        dropout_p > 0,
+        accumulate,
+        dot_dtype,
+        _target(ref),
+    )
+    plan = _LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = remember_launch(key, _dual_matmul_plan(a1, b1, a2, b2, bias, out, dropout_p > 0, accumulate, dot_dtype))
+    if not plan:
+        return out
+    kernel, grid, sizes, meta = plan
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    kernel[grid](
+        a1 if a1 is not None else out,
+        b1 if b1 is not None else out,
+        a2 if a2 is not None else out,
+        b2 if b2 is not None else out,
+        bias if bias is not None else out,
+        out,
+        *sizes,
+        seed if seed is not None else out,
+        dropout_p,
+        keep_scale,
+        **meta,
+    )
+    return out
+
+
+def _dual_matmul_plan(a1, b1, a2, b2, bias, out, dropout, accumulate, dot_dtype) -> tuple:
+    """(kernel, grid, integer arguments, meta-parameters) of a `dual_matmul` launch, after checking the shapes; ()
+    when there is nothing to compute. Absent operands are stood in for by `out` (never read)."""
+    ref = a1 if a1 is not None else a2
     M = ref.shape[0]
     N = (b1 if b1 is not None else b2).shape[1]
     K1 = a1.shape[1] if a1 is not None else 0
@@ -370,21 +444,17 @@ def dual_matmul(
         raise ValueError(f"dual_matmul: a2 {tuple(a2.shape)} and b2 {tuple(b2.shape)} don't fit an [{M}, {N}] output.")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"dual_matmul: bias has shape {tuple(bias.shape)}, expected ({N},).")
-    if out is None:
-        out = torch.empty(M, N, device=ref.device, dtype=out_dtype or ref.dtype)
-    elif out.shape != (M, N):
+    if out.shape != (M, N):
         raise ValueError(f"dual_matmul: out has shape {tuple(out.shape)}, expected ({M}, {N}).")
     if M == 0 or N == 0:
-        return out
-    dummy = out
-    a1_, b1_ = (a1, b1) if a1 is not None else (dummy, dummy)
-    a2_, b2_ = (a2, b2) if a2 is not None else (dummy, dummy)
-    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-    common = dict(
+        return ()
+    a1_, b1_ = (a1, b1) if a1 is not None else (out, out)
+    a2_, b2_ = (a2, b2) if a2 is not None else (out, out)
+    meta = dict(
         HAS_FIRST=a1 is not None and K1 > 0,
         HAS_SECOND=a2 is not None and K2 > 0,
         HAS_BIAS=bias is not None,
-        MASK_SECOND=dropout_p > 0,
+        MASK_SECOND=dropout,
         ACCUMULATE=accumulate,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or ref.dtype],
         PRECISION=_precision(dot_dtype or ref.dtype),
@@ -392,13 +462,7 @@ def dual_matmul(
         # and are cast in registers; 64-wide blocks of them spilled the 128x128 and larger tiles at rank >= 64.
         BLOCK_R=MIN_DOT,
     )
-    args = (
-        a1_,
-        b1_,
-        a2_,
-        b2_,
-        bias if bias is not None else dummy,
-        out,
+    sizes = (
         M,
         N,
         K1,
@@ -413,21 +477,16 @@ def dual_matmul(
         b2_.stride(1),
         out.stride(0),
         out.stride(1),
-        seed if seed is not None else dummy,
-        dropout_p,
-        keep_scale,
     )
     if _on_interpreter(ref):
         # The interpreter is slow and autotuning would multiply that: one small config.
-        grid = (cdiv(M, 32) * cdiv(N, 32),)
-        _dual_matmul_kernel[grid](*args, **common, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-    else:
+        meta.update(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+        return _dual_matmul_kernel, (cdiv(M, 32) * cdiv(N, 32),), sizes, meta
 
-        def grid(meta):
-            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    def grid(config):
+        return (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
 
-        _dual_matmul_tuned[grid](*args, **common)
-    return out
+    return _dual_matmul_tuned, grid, sizes, meta
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])
@@ -500,15 +559,27 @@ def lora_shrink(
     Shapes: x [M, K], A [R, K], out [M, R] fp32 (may be a column slice of a wider buffer); seed a 1-element int64
     tensor (needed when dropout_p > 0).
     """
+    _check_seed("lora_shrink", dropout_p, seed)
+    if out is None:
+        out = torch.empty(x.shape[0], lora_A.shape[0], device=x.device, dtype=torch.float32)
+    key = ("lora_shrink", _layout(x), _layout(lora_A), out.stride(), dropout_p > 0, dot_dtype, _target(x))
+    plan = _LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = remember_launch(key, _lora_shrink_plan(x, lora_A, out, dropout_p > 0, dot_dtype))
+    if plan:
+        grid, sizes, meta = plan
+        _lora_shrink_kernel[grid](x, lora_A, out, *sizes, seed if seed is not None else out, dropout_p, scale, **meta)
+    return out
+
+
+def _lora_shrink_plan(x, lora_A, out, dropout, dot_dtype) -> tuple:
+    """(grid, integer arguments, meta-parameters) of a `lora_shrink` launch, after checking the shapes; () for M = 0."""
     M, K = x.shape
     R = lora_A.shape[0]
     if lora_A.shape[1] != K:
         raise ValueError(f"lora_shrink: x has {K} features but lora_A has shape {tuple(lora_A.shape)}.")
-    _check_seed("lora_shrink", dropout_p, seed)
-    if out is None:
-        out = torch.empty(M, R, device=x.device, dtype=torch.float32)
     if M == 0:
-        return out
+        return ()
     block_r = _rank_block(R)
     if _on_interpreter(x):
         block_m, block_k, warps, stages = 32, 32, 4, 1
@@ -521,23 +592,9 @@ def lora_shrink(
         stages = _fitting_stages(
             device_properties(x), (block_m * block_k, x.element_size()), (block_k * block_r, lora_A.element_size())
         )
-    _lora_shrink_kernel[(cdiv(M, block_m),)](
-        x,
-        lora_A,
-        out,
-        M,
-        K,
-        R,
-        x.stride(0),
-        x.stride(1),
-        lora_A.stride(0),
-        lora_A.stride(1),
-        out.stride(0),
-        out.stride(1),
-        seed if seed is not None else out,
-        dropout_p,
-        scale,
-        APPLY_DROPOUT=dropout_p > 0,
+    sizes = (M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1))
+    meta = dict(
+        APPLY_DROPOUT=dropout,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or x.dtype],
         PRECISION=_precision(dot_dtype or x.dtype),
         BLOCK_M=block_m,
@@ -546,7 +603,7 @@ def lora_shrink(
         num_warps=warps,
         num_stages=stages,
     )
-    return out
+    return (cdiv(M, block_m),), sizes, meta
 
 
 @triton.jit
@@ -619,6 +676,23 @@ def lora_grad_dy(
 
     Shapes: dY [M, N], B [N, R], S [M, R]. Returns dS [M, R], dB [N, R].
     """
+    key = ("lora_grad_dy", _layout(grad_out), _layout(lora_B), _layout(shrunk), dot_dtype, _target(grad_out))
+    plan = _LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = remember_launch(key, _lora_grad_dy_plan(grad_out, lora_B, shrunk, dot_dtype))
+    M, N = grad_out.shape
+    R = lora_B.shape[1]
+    grad_s = torch.empty(M, R, device=grad_out.device, dtype=torch.float32)
+    grad_b = torch.zeros(N, R, device=grad_out.device, dtype=torch.float32)
+    if plan:
+        grid, sizes, meta = plan
+        _lora_grad_dy_kernel[grid](grad_out, lora_B, shrunk, grad_s, grad_b, *sizes, **meta)
+    return grad_s, grad_b
+
+
+def _lora_grad_dy_plan(grad_out, lora_B, shrunk, dot_dtype) -> tuple:
+    """(grid, integer arguments, meta-parameters) of a `lora_grad_dy` launch (outputs contiguous), after checking the
+    shapes; () for M = 0."""
     M, N = grad_out.shape
     R = lora_B.shape[1]
     if lora_B.shape[0] != N or shrunk.shape != (M, R):
@@ -626,10 +700,8 @@ def lora_grad_dy(
             f"lora_grad_dy: dY {tuple(grad_out.shape)}, B {tuple(lora_B.shape)} and S "
             f"{tuple(shrunk.shape)} don't fit together."
         )
-    grad_s = torch.empty(M, R, device=grad_out.device, dtype=torch.float32)
-    grad_b = torch.zeros(N, R, device=grad_out.device, dtype=torch.float32)
     if M == 0:
-        return grad_s, grad_b
+        return ()
     block_r = _rank_block(R)
     if _on_interpreter(grad_out):
         block_m, block_n, warps, stages = 32, 32, 4, 1
@@ -643,12 +715,7 @@ def lora_grad_dy(
             (block_m * block_n, grad_out.element_size()),
             (block_n * block_r, lora_B.element_size()),
         )
-    _lora_grad_dy_kernel[(cdiv(M, block_m),)](
-        grad_out,
-        lora_B,
-        shrunk,
-        grad_s,
-        grad_b,
+    sizes = (
         M,
         N,
         R,
@@ -658,10 +725,12 @@ def lora_grad_dy(
         lora_B.stride(1),
         shrunk.stride(0),
         shrunk.stride(1),
-        grad_s.stride(0),
-        grad_s.stride(1),
-        grad_b.stride(0),
-        grad_b.stride(1),
+        R,  # dS [M, R] and dB [N, R] are allocated contiguous
+        1,
+        R,
+        1,
+    )
+    meta = dict(
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or grad_out.dtype],
         PRECISION=_precision(dot_dtype or grad_out.dtype),
         BLOCK_M=block_m,
@@ -670,7 +739,7 @@ def lora_grad_dy(
         num_warps=warps,
         num_stages=stages,
     )
-    return grad_s, grad_b
+    return (cdiv(M, block_m),), sizes, meta
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])
@@ -747,14 +816,27 @@ def lora_grad_a(
     `max_splits` caps how many programs share the token loop (their partial sums are added atomically); on the
     interpreter the default is one.
     """
+    _check_seed("lora_grad_a", dropout_p, seed)
+    key = ("lora_grad_a", _layout(grad_s), _layout(x), dropout_p > 0, dot_dtype, max_splits, _target(x))
+    plan = _LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = remember_launch(key, _lora_grad_a_plan(grad_s, x, dropout_p > 0, dot_dtype, max_splits))
+    grad_a = torch.zeros(grad_s.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
+    if plan:
+        grid, sizes, meta = plan
+        _lora_grad_a_kernel[grid](grad_s, x, grad_a, *sizes, seed if seed is not None else grad_a, dropout_p, **meta)
+    return grad_a
+
+
+def _lora_grad_a_plan(grad_s, x, dropout, dot_dtype, max_splits) -> tuple:
+    """(grid, integer arguments, meta-parameters) of a `lora_grad_a` launch (dA contiguous), after checking the
+    shapes; () for M = 0."""
     M, K = x.shape
     R = grad_s.shape[1]
     if grad_s.shape[0] != M:
         raise ValueError(f"lora_grad_a: dS has {grad_s.shape[0]} rows but x has {M}.")
-    _check_seed("lora_grad_a", dropout_p, seed)
-    grad_a = torch.zeros(R, K, device=x.device, dtype=torch.float32)
     if M == 0:
-        return grad_a
+        return ()
     block_r = _rank_block(R)
     if _on_interpreter(x):
         block_m, block_k, warps, stages = 32, 32, 4, 1
@@ -774,22 +856,9 @@ def lora_grad_a(
         splits = max(1, min(splits, max_splits, m_blocks))
     rows_per_split = cdiv(m_blocks, splits) * block_m
     splits = cdiv(M, rows_per_split)
-    _lora_grad_a_kernel[(k_blocks, splits)](
-        grad_s,
-        x,
-        grad_a,
-        M,
-        K,
-        R,
-        grad_s.stride(0),
-        grad_s.stride(1),
-        x.stride(0),
-        x.stride(1),
-        grad_a.stride(0),
-        grad_a.stride(1),
-        seed if seed is not None else grad_a,
-        dropout_p,
-        APPLY_DROPOUT=dropout_p > 0,
+    sizes = (M, K, R, grad_s.stride(0), grad_s.stride(1), x.stride(0), x.stride(1), K, 1)
+    meta = dict(
+        APPLY_DROPOUT=dropout,
         DOT_DTYPE=_TORCH_TO_TL[dot_dtype or x.dtype],
         PRECISION=_precision(dot_dtype or x.dtype),
         BLOCK_M=block_m,
@@ -800,7 +869,7 @@ def lora_grad_a(
         num_warps=warps,
         num_stages=stages,
     )
-    return grad_a
+    return (k_blocks, splits), sizes, meta
 
 
 def _sm_count(tensor: torch.Tensor) -> int:
