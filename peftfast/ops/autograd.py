@@ -39,6 +39,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_kernel_module = None
+
+
+def _kernels():
+    """peftfast.kernels.lora_linear, imported at first use (`import peftfast` works without Triton) and kept: an
+    import statement in a function costs ~1 us a call."""
+    global _kernel_module
+    if _kernel_module is None:
+        from ..kernels import lora_linear
+
+        _kernel_module = lora_linear
+    return _kernel_module
+
+
 def _dot_dtype(x: torch.Tensor) -> torch.dtype:
     # The interpreter's bf16/fp16 arithmetic is unreliable (bf16 is held as raw uint16): multiply in fp32 there.
     return torch.float32 if x.device.type == "cpu" else x.dtype
@@ -68,8 +82,10 @@ def _format_class(op: str, m: int, k: int, n: int, rank: int, dtype: torch.dtype
 
 
 def _shrink_all(x, lora_A, scaling, dropout_p, seeds) -> torch.Tensor:
-    from ..kernels import lora_linear as kernels
-
+    kernels = _kernels()
+    if len(lora_A) == 1:
+        p = dropout_p[0]
+        return kernels.lora_shrink(x, lora_A[0], scaling[0], p, _seed(seeds, 0, p), dot_dtype=_dot_dtype(x))
     shrunk = torch.empty(x.shape[0], sum(A.shape[0] for A in lora_A), device=x.device, dtype=torch.float32)
     start = 0
     for index, (A, s, p) in enumerate(zip(lora_A, scaling, dropout_p)):
@@ -85,8 +101,7 @@ def _cat_B(lora_B: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def expand_fused(x, weight_t, bias, shrunk, B_cat) -> torch.Tensor:
     """y = x W^T + b + S B^T in one kernel (the LoRA product as extra K columns of the base GEMM)."""
-    from ..kernels import lora_linear as kernels
-
+    kernels = _kernels()
     return kernels.dual_matmul(x, weight_t, shrunk, B_cat.T, bias, out_dtype=x.dtype, dot_dtype=_dot_dtype(x))
 
 
@@ -110,8 +125,7 @@ def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tens
     """dropout(x) in fp32 with the kernels' mask for `seed` (drawn by their mask kernel)."""
     if p <= 0:
         return x.float()
-    from ..kernels import lora_linear as kernels
-
+    kernels = _kernels()
     keep = kernels.dropout_keep_mask(x.shape[0], x.shape[1], p, seed)
     return torch.where(keep, x.float() / (1.0 - p), 0.0)
 
@@ -234,8 +248,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds, plan):
 def _grad_x_fused(grad_out, weight, spans, dtype) -> torch.Tensor:
     """dX = dY W + sum_i mask_i * (s_i dS_i A_i) / (1 - p_i): one dual GEMM, adapters without dropout sharing its
     LoRA product; each further adapter with dropout is accumulated with its own mask."""
-    from ..kernels import lora_linear as kernels
-
+    kernels = _kernels()
     dot_dtype = _dot_dtype(grad_out)
     plain = [span for span in spans if span[2] == 0.0]
     masked = [span for span in spans if span[2] > 0.0]
@@ -273,8 +286,7 @@ def _grad_x_composed(grad_out, weight, spans, dtype) -> torch.Tensor:
 
 
 def _accumulate_masked(grad_x, masked) -> None:
-    from ..kernels import lora_linear as kernels
-
+    kernels = _kernels()
     for grad_s_i, A, p, seed in masked:
         kernels.dual_matmul(
             None, None, grad_s_i, A, out=grad_x, dropout_p=p, seed=seed, accumulate=True, dot_dtype=_dot_dtype(grad_x)
@@ -282,20 +294,21 @@ def _accumulate_masked(grad_x, masked) -> None:
 
 
 def _backward_kernels(grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad, plan):
-    from ..kernels import lora_linear as kernels
-
+    kernels = _kernels()
     dot_dtype = _dot_dtype(x)
     grad_s, grad_b_cat = kernels.lora_grad_dy(grad_out, _cat_B(lora_B), shrunk, dot_dtype=dot_dtype)
     grad_A, grad_B, spans = [], [], []
+    single = len(lora_A) == 1
     start = 0
     for index, (A, B, s, p) in enumerate(zip(lora_A, lora_B, scaling, dropout_p)):
         stop = start + A.shape[0]
         seed = _seed(seeds, index, p)
-        # S_i was scaled by s_i, so the gradient reaching the unscaled x A_i^T is s_i * dS_i.
-        grad_s_i = grad_s[:, start:stop] * s
+        # S_i was scaled by s_i, so the gradient reaching the unscaled x A_i^T is s_i * dS_i (scaled in place: dS is
+        # this function's own buffer, and the adapters' columns don't overlap).
+        grad_s_i = (grad_s if single else grad_s[:, start:stop]).mul_(s)
         grad_A.append(kernels.lora_grad_a(grad_s_i, x, p, seed, dot_dtype=dot_dtype).to(A.dtype))
-        # Custom-op outputs may not alias one another: copy each adapter's columns out (N x r, cheap).
-        grad_B.append(grad_b_cat[:, start:stop].to(B.dtype, copy=True))
+        # Custom-op outputs may not alias one another: copy each adapter's columns out of the shared dB (N x r, cheap).
+        grad_B.append(grad_b_cat.to(B.dtype) if single else grad_b_cat[:, start:stop].to(B.dtype, copy=True))
         spans.append((grad_s_i, A, p, seed))
         start = stop
     if not needs_input_grad:
@@ -328,8 +341,7 @@ def _backward_torch(grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropou
         if grad_x is not None:
             through = grad_s_i @ A.float()
             if p > 0:
-                from ..kernels import lora_linear as kernels
-
+                kernels = _kernels()
                 keep = kernels.dropout_keep_mask(x.shape[0], x.shape[1], p, seed)
                 through = torch.where(keep, through / (1.0 - p), 0.0)
             grad_x = grad_x + through
