@@ -77,6 +77,7 @@ _ENVIRON_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
 if not hasattr(os.environ, "encodekey"):
     _ENVIRON_DATA = None
 _ENCODED_KEYS: dict[str, Any] = {}
+_BACKEND_KEY = os.environ.encodekey(ENV_VAR) if _ENVIRON_DATA is not None else None
 _VALIDATED: dict[Any, str] = {}
 
 
@@ -92,7 +93,7 @@ def environment_is_set(name: str) -> Any:
 
 
 def _backend_from_environment() -> str:
-    raw = environment_is_set(ENV_VAR)
+    raw = _ENVIRON_DATA.get(_BACKEND_KEY) if _ENVIRON_DATA is not None else os.environ.get(ENV_VAR)
     if not raw:
         return "auto"
     backend = _VALIDATED.get(raw)

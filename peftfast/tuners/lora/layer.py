@@ -815,7 +815,12 @@ class Linear(nn.Module, LoraLayer):
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = self._take_mixed_batch(x, kwargs)
+        # Per call of every LoRA layer: what the common case (no keyword arguments, no mixed batch, no aLoRA adapter)
+        # doesn't need is skipped with one test each.
+        if kwargs or self._mixed_batch_source is not None:
+            adapter_names = self._take_mixed_batch(x, kwargs)
+        else:
+            adapter_names = None
         alora_offsets = kwargs.pop("alora_offsets", None) if kwargs else None
         if alora_offsets is None and self._alora_source is not None:
             alora_offsets = self._alora_source.offsets
@@ -831,7 +836,7 @@ class Linear(nn.Module, LoraLayer):
         if self.merged_adapters or not active:
             return self._modules["base_layer"](x, *args, **kwargs)
         use_alora = self.use_alora
-        activated = [name for name in active if use_alora.get(name)]
+        activated = [name for name in active if use_alora.get(name)] if True in use_alora.values() else None
         plain = [name for name in active if name not in activated] if activated else active
         if not plain:
             result = self.base_layer(x, *args, **kwargs)
