@@ -821,7 +821,10 @@ def lora_grad_a(
     plan = _LAUNCH_PLANS.get(key)
     if plan is None:
         plan = remember_launch(key, _lora_grad_a_plan(grad_s, x, dropout_p > 0, dot_dtype, max_splits))
-    grad_a = torch.zeros(grad_s.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
+    # A single program per k block stores its whole tile, so dA needs no zero fill (a kernel launch on a GPU) then;
+    # split token loops add their partial sums atomically into zeros, and no rows (M = 0) leave dA zero.
+    allocate = torch.empty if plan and not plan[2]["SPLIT"] else torch.zeros
+    grad_a = allocate(grad_s.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
     if plan:
         grid, sizes, meta = plan
         _lora_grad_a_kernel[grid](grad_s, x, grad_a, *sizes, seed if seed is not None else grad_a, dropout_p, **meta)

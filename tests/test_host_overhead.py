@@ -268,3 +268,16 @@ def test_the_eager_and_custom_op_boundaries_compute_the_same(dropout_p):
     with torch.no_grad():
         y_plain, _ = autograd.forward("fused", x, weight, bias, lora_A, lora_B, [0.75], [dropout_p], seeds)
     assert torch.equal(y_plain, y_op)
+
+
+def test_an_empty_batch_through_the_eager_boundary_gives_zero_adapter_gradients():
+    x, weight, bias, lora_A, lora_B = _layer_tensors(0)
+    leaves = [x, *lora_A, *lora_B]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    with ops.use_backend("triton"):
+        y = _call(x, weight, bias, lora_A, lora_B, training=True)
+    assert y.shape == (0, 11)
+    grad_x, grad_A, grad_B = torch.autograd.grad(y.sum(), leaves)
+    assert grad_x.shape == (0, 13)
+    assert torch.equal(grad_A, torch.zeros_like(lora_A[0])) and torch.equal(grad_B, torch.zeros_like(lora_B[0]))
