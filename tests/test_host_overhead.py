@@ -13,7 +13,8 @@ import torch
 from tolerances import assert_close
 
 from peftfast import ops
-from peftfast.ops import autograd, autotune, dispatch
+from peftfast.ops import autograd, autotune, dispatch, multi_adapter
+from peftfast.utils.mixed_batch import MixedBatch
 
 pytest.importorskip("triton")
 from peftfast.kernels import lora_linear as kernels  # noqa: E402
@@ -281,3 +282,49 @@ def test_an_empty_batch_through_the_eager_boundary_gives_zero_adapter_gradients(
     grad_x, grad_A, grad_B = torch.autograd.grad(y.sum(), leaves)
     assert grad_x.shape == (0, 13)
     assert torch.equal(grad_A, torch.zeros_like(lora_A[0])) and torch.equal(grad_B, torch.zeros_like(lora_B[0]))
+
+
+def _mixed_batch_call(tokens=3):
+    """(y, x, kernel arguments) of a two-adapter mixed batch of three rows (one without adapter), ranks 2 and 5."""
+    generator = torch.Generator().manual_seed(0)
+    K, N, ranks = 13, 11, [2, 5]
+    lora_A = torch.randn(sum(ranks), K, generator=generator) * K**-0.5
+    lora_B_t = torch.randn(sum(ranks), N, generator=generator) * 0.5
+    slot_spans = torch.tensor([[0, 2], [2, 5]], dtype=torch.int32)
+    batch = MixedBatch(["a1", "__base__", "a0"], adapters=["a0", "a1"])
+    layout = batch.layout(tokens, torch.device("cpu"))
+    group_slot = torch.arange(2, dtype=torch.int32)
+    args = (lora_A, lora_B_t, None, torch.tensor([0.5, 2.0]), slot_spans, group_slot, layout.token_order)
+    args += (layout.tiles, layout.block_m, max(ranks))
+    x = torch.randn(3 * tokens, K, generator=generator)
+    y = torch.randn(3 * tokens, N, generator=generator)
+    return y, x, args
+
+
+def test_auto_multi_adapter_launches_directly_and_settles_once_per_shape_class(cache_dir, monkeypatch):
+    y, x, args = _mixed_batch_call()
+    op = Counter(multi_adapter._lora_multi_adapter_op)
+    fallback_checks = Counter(autotune.run_with_fallback)
+    monkeypatch.setattr(multi_adapter, "_lora_multi_adapter_op", op)
+    monkeypatch.setattr(autotune, "run_with_fallback", fallback_checks)
+    want = ops.reference.lora_multi_adapter(y.clone(), x, *args)
+    with torch.no_grad():
+        for _ in range(CALLS):
+            assert_close(multi_adapter.lora_multi_adapter_triton(y.clone(), x, *args), want, kind="kernel")
+    # Eager without grad: no custom-op dispatch; `auto`'s failure lookup made once for the shape class.
+    assert op.calls == 0 and fallback_checks.calls == 1
+    # A failure recorded for this class is seen by the next call, which runs torch.
+    key = multi_adapter._class_key((autotune.size_class(x.shape[0]), 13, 11, 5, x.dtype, x.device))
+    with pytest.warns(RuntimeWarning, match="failed"):
+        autotune.record_failure("lora_multi_adapter", key, autotune.KernelFailure("injected"), x.device)
+    launches = Counter(multi_adapter._sgmv().lora_multi_adapter)
+    monkeypatch.setattr(multi_adapter._sgmv(), "lora_multi_adapter", launches)
+    with torch.no_grad():
+        assert_close(multi_adapter.lora_multi_adapter_triton(y.clone(), x, *args), want, kind="kernel")
+    assert launches.calls == 0
+    # With autograd watching y, the custom op runs (it refuses to be differentiated rather than drop the term).
+    autotune.reset()
+    y_grad = y.clone().requires_grad_(True)
+    with ops.use_backend("triton"):
+        multi_adapter.lora_multi_adapter_triton(y_grad.clone(), x, *args)
+    assert op.calls == 1

@@ -55,18 +55,64 @@ def _(y, x, lora_A, lora_B_t, lora_B_bias, scaling, slot_spans, group_slot, toke
     return None
 
 
+_sgmv_module = None
+
+
+def _sgmv():
+    # Imported at first use (`import peftfast` works without Triton) and kept (an import statement costs ~1 us a call).
+    global _sgmv_module
+    if _sgmv_module is None:
+        from ..kernels import sgmv
+
+        _sgmv_module = sgmv
+    return _sgmv_module
+
+
+# (shape class fields) -> (autotune state, whether the kernels serve it): `auto`'s answer for a shape class, valid
+# until the autotune state changes (a failure recorded anywhere, a reset).
+_SETTLED: dict[tuple, tuple[tuple, bool]] = {}
+
+
 def lora_multi_adapter_triton(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, *args) -> torch.Tensor:
     """The triton `lora_multi_adapter`: same semantics and arguments as `reference.lora_multi_adapter`."""
+    traced = torch.compiler.is_compiling()
+    # Eager with nothing requiring grad (decode), the launches are called directly: the custom op's dispatch costs
+    # more than they do at decode sizes. Traced, or where autograd watches y, the custom op (it has a fake, and
+    # refuses to be differentiated instead of dropping the LoRA term from the gradient).
+    direct = not traced and not (torch.is_grad_enabled() and (y.requires_grad or x.requires_grad))
 
     def kernels() -> torch.Tensor:
-        _lora_multi_adapter_op(y, x, lora_A, *args)
+        if direct:
+            _sgmv().lora_multi_adapter(y, x, lora_A, *args)
+        else:
+            _lora_multi_adapter_op(y, x, lora_A, *args)
         return y
 
     # Named backend "triton", or traced by torch.compile (a failure can't be caught once the graph runs): the kernels.
-    if autograd.requested_plan() == "fused" or torch.compiler.is_compiling():
+    if traced or autograd.requested_plan() == "fused":
         return kernels()
     # `auto`: a kernel that fails here falls back to torch for this shape class (see `autotune`).
-    key = f"lora_multi_adapter|M{autotune.size_class(x.shape[0])}|K{x.shape[1]}|N{y.shape[1]}|R{args[-1]}|{x.dtype}"
-    return autotune.run_with_fallback(
+    fields = (autotune.size_class(x.shape[0]), x.shape[1], y.shape[1], args[-1], x.dtype, x.device)
+    state = autotune.state()
+    settled = _SETTLED.get(fields)
+    if settled is not None and settled[0] == state and settled[1]:
+        try:
+            return kernels()
+        except Exception as error:
+            if not autotune.is_kernel_failure(error):
+                raise
+            autotune.record_failure("lora_multi_adapter", _class_key(fields), error, x.device)
+            return reference.lora_multi_adapter(y, x, lora_A, *args)
+    key = _class_key(fields)
+    result = autotune.run_with_fallback(
         "lora_multi_adapter", key, x.device, kernels, lambda: reference.lora_multi_adapter(y, x, lora_A, *args)
     )
+    if len(_SETTLED) >= 4096:
+        _SETTLED.clear()
+    _SETTLED[fields] = (autotune.state(), autotune.plan_cache(x.device).failure("lora_multi_adapter", key) is None)
+    return result
+
+
+def _class_key(fields: tuple) -> str:
+    m, k, n, r_max, dtype, _ = fields
+    return f"lora_multi_adapter|M{m}|K{k}|N{n}|R{r_max}|{dtype}"
