@@ -74,6 +74,20 @@ def shape_class(op: str, x: torch.Tensor, out_features: int, ranks: Sequence[int
     return _format_class(op, autotune.size_class(x.shape[0]), x.shape[1], out_features, sum(ranks), x.dtype, dropout)
 
 
+_CLASS_KEYS: dict[tuple, str] = {}
+
+
+def class_key(op: str, x: torch.Tensor, out_features: int, lora_A, dropout_p) -> str:
+    """`shape_class` of these arguments, its string built once per distinct set of fields (a pure function of them)."""
+    fields = (op, *_class_fields(x, out_features, lora_A, dropout_p)[:-1])
+    key = _CLASS_KEYS.get(fields)
+    if key is None:
+        if len(_CLASS_KEYS) >= 4096:
+            _CLASS_KEYS.clear()
+        key = _CLASS_KEYS[fields] = _format_class(*fields)
+    return key
+
+
 def _format_class(op: str, m: int, k: int, n: int, rank: int, dtype: torch.dtype, dropout: bool) -> str:
     return f"{op}|M{m}|K{k}|N{n}|R{rank}|{str(dtype).removeprefix('torch.')}|drop{int(dropout)}"
 
@@ -366,6 +380,11 @@ def backward(plan, grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout
     )
     _settle("backward", fields, "lora_linear backward", key, x.device)
     return result
+
+
+def backward_eager(grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad, plan):
+    """`lora_linear_bwd` without the custom op's dispatch (same arguments, same code), for eager callers."""
+    return backward(plan, grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad)
 
 
 @torch.library.custom_op("peftfast::lora_linear_bwd", mutates_args=())

@@ -163,7 +163,7 @@ def _forward(x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B) -
     B_cat = autograd._cat_B(lora_B)
     plans = _forward_plans(x, weight, bias, shrunk, B_cat, autograd._dot_dtype(x))
     if plan == "auto":
-        key = autograd.shape_class("lora_linear_4bit", x, weight.shape[0], [A.shape[0] for A in lora_A], dropout_p)
+        key = autograd.class_key("lora_linear_4bit", x, weight.shape[0], lora_A, dropout_p)
         chosen = autotune.choose("lora_linear_4bit forward", key, plans, x.device, default="dequantize_composed")
     elif plan == "composed":
         chosen = "dequantize_composed"
@@ -181,7 +181,7 @@ class _LoraLinear4bit(torch.autograd.Function):
         lora_A, lora_B = list(adapters[:num]), list(adapters[num:])
         args = (x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B)
         if plan == "auto":
-            key = autograd.shape_class("lora_linear_4bit", x, weight.shape[0], [A.shape[0] for A in lora_A], dropout_p)
+            key = autograd.class_key("lora_linear_4bit", x, weight.shape[0], lora_A, dropout_p)
             ctx.fell_back = autotune.failed("lora_linear_4bit", key, x.device)
             if ctx.fell_back:
                 y, shrunk = _forward_torch(*args)
@@ -213,7 +213,10 @@ class _LoraLinear4bit(torch.autograd.Function):
             )
         else:
             W = _dequantize_into_buffer(ctx.weight, x.dtype)
-            grad_x, grad_A, grad_B = autograd.lora_linear_bwd(
+            # Eagerly the backward itself, traced its custom op (with a fake): the op's dispatch costs more than the
+            # launches at small shapes, and both run `autograd.backward`.
+            backward = autograd.lora_linear_bwd if torch.compiler.is_compiling() else autograd.backward_eager
+            grad_x, grad_A, grad_B = backward(
                 grad_y.contiguous(),
                 x,
                 W,
