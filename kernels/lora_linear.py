@@ -875,6 +875,130 @@ def _lora_grad_a_plan(grad_s, x, dropout, dot_dtype, max_splits) -> tuple:
     return (k_blocks, splits), sizes, meta
 
 
+def lora_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    dot_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics: S = scale * dropout(x, p; seed) @ A.T in fp32, y = x @ W.T + bias + S @ B.T in x's dtype: one
+    adapter's `lora_shrink` then `dual_matmul`, launched from launch plans looked up under one key.
+
+    Shapes: x [M, K], weight [N, K], bias [N] or None, lora_A [R, K], lora_B [N, R]. Returns (y [M, N], S [M, R]).
+    """
+    _check_seed("lora_linear_forward", dropout_p, seed)
+    shrunk = torch.empty(x.shape[0], lora_A.shape[0], device=x.device, dtype=torch.float32)
+    y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+    key = (
+        "lora_linear_forward",
+        _layout(x),
+        _layout(weight),
+        None if bias is None else bias.shape,
+        _layout(lora_A),
+        _layout(lora_B),
+        dropout_p > 0,
+        dot_dtype,
+        _target(x),
+    )
+    plans = _LAUNCH_PLANS.get(key)
+    if plans is None:
+        shrink = _lora_shrink_plan(x, lora_A, shrunk, dropout_p > 0, dot_dtype)
+        expand = _dual_matmul_plan(x, weight.T, shrunk, lora_B.T, bias, y, False, False, dot_dtype)
+        plans = remember_launch(key, (shrink, expand))
+    shrink, expand = plans
+    if shrink:
+        grid, sizes, meta = shrink
+        _lora_shrink_kernel[grid](x, lora_A, shrunk, *sizes, shrunk if seed is None else seed, dropout_p, scale, **meta)
+    if expand:
+        # W.T and B.T share W's and B's storage: their pointers are W's and B's, their strides are in the plan.
+        kernel, grid, sizes, meta = expand
+        kernel[grid](x, weight, shrunk, lora_B, y if bias is None else bias, y, *sizes, y, 0.0, 1.0, **meta)
+    return y, shrunk
+
+
+def lora_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    shrunk: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    needs_grad_x: bool = True,
+    dot_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Semantics: dT = scale * dY @ B, dA = dT.T @ dropout(x, p; seed), dB = dY.T @ S (both fp32), dX = dY @ W +
+    keep(seed, p) * (dT @ A) / (1 - p) in x's dtype (None unless needs_grad_x): one adapter's `lora_grad_dy`,
+    `lora_grad_a` and `dual_matmul`, launched from launch plans looked up under one key.
+
+    Shapes: dY [M, N], x [M, K], weight [N, K], lora_A [R, K], lora_B [N, R], S [M, R] fp32. Returns (dX, dA, dB).
+    """
+    _check_seed("lora_linear_backward", dropout_p, seed)
+    M, N = grad_out.shape
+    R, K = lora_A.shape
+    key = (
+        "lora_linear_backward",
+        _layout(grad_out),
+        _layout(x),
+        _layout(weight),
+        _layout(lora_A),
+        _layout(lora_B),
+        _layout(shrunk),
+        dropout_p > 0,
+        needs_grad_x,
+        dot_dtype,
+        _target(x),
+    )
+    plans = _LAUNCH_PLANS.get(key)
+    grad_s = torch.empty(M, R, device=x.device, dtype=torch.float32)
+    grad_b = torch.zeros(N, R, device=x.device, dtype=torch.float32)
+    if plans is None:
+        through_b = _lora_grad_dy_plan(grad_out, lora_B, shrunk, dot_dtype)
+        to_a = _lora_grad_a_plan(grad_s, x, dropout_p > 0, dot_dtype, None)
+        to_x = None
+        if needs_grad_x:
+            example = torch.empty(M, K, device=x.device, dtype=x.dtype)
+            to_x = _dual_matmul_plan(grad_out, weight, grad_s, lora_A, None, example, dropout_p > 0, False, dot_dtype)
+        plans = remember_launch(key, (through_b, to_a, to_x))
+    through_b, to_a, to_x = plans
+    if through_b:
+        grid, sizes, meta = through_b
+        _lora_grad_dy_kernel[grid](grad_out, lora_B, shrunk, grad_s, grad_b, *sizes, **meta)
+    # S was scaled by `scale`, so the gradient reaching the unscaled x A^T is scale * dS (in place: dS is ours).
+    grad_s.mul_(scale)
+    grad_a = (torch.empty if to_a and not to_a[2]["SPLIT"] else torch.zeros)(R, K, device=x.device, dtype=torch.float32)
+    if to_a:
+        grid, sizes, meta = to_a
+        _lora_grad_a_kernel[grid](grad_s, x, grad_a, *sizes, grad_a if seed is None else seed, dropout_p, **meta)
+    if not needs_grad_x:
+        return None, grad_a, grad_b
+    grad_x = torch.empty(M, K, device=x.device, dtype=x.dtype)
+    if to_x:
+        kernel, grid, sizes, meta = to_x
+        keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+        kernel[grid](
+            grad_out,
+            weight,
+            grad_s,
+            lora_A,
+            grad_x,
+            grad_x,
+            *sizes,
+            grad_x if seed is None else seed,
+            dropout_p,
+            keep_scale,
+            **meta,
+        )
+    return grad_x, grad_a, grad_b
+
+
 def _sm_count(tensor: torch.Tensor) -> int:
     return device_properties(tensor)["multiprocessor_count"]
 

@@ -81,7 +81,8 @@ def test_repeated_forwards_resolve_backend_and_launch_plans_once(counts):
         for _ in range(CALLS):
             _check(*tensors)
     assert ops.last_backend("lora_linear") == "triton"
-    assert first["resolutions"] == 1 and first["launch plans"] == 2  # lora_shrink and dual_matmul
+    # One launch plan (lora_shrink then dual_matmul) for the one adapter's forward.
+    assert first["resolutions"] == 1 and first["launch plans"] == 1
     assert counts() == first
 
 
@@ -100,8 +101,8 @@ def test_repeated_training_steps_build_their_launch_plans_once(counts):
         first = counts()
         for _ in range(CALLS):
             grads = step()
-    # Forward: lora_shrink, dual_matmul; backward: lora_grad_dy, lora_grad_a, dual_matmul for dX.
-    assert first["resolutions"] == 1 and first["launch plans"] == 5
+    # The forward's plan (lora_shrink, dual_matmul) and the backward's (lora_grad_dy, lora_grad_a, dual_matmul for dX).
+    assert first["resolutions"] == 1 and first["launch plans"] == 2
     assert counts() == first
     for got, want in zip(grads, first_grads):
         assert torch.equal(got, want)
@@ -113,16 +114,16 @@ def test_a_new_shape_or_dtype_builds_new_launch_plans_and_stays_correct(counts):
         after_first = counts()
         _check(*_layer_tensors(9, seed=1))
         after_rows = counts()
-        assert after_rows["launch plans"] == after_first["launch plans"] + 2
+        assert after_rows["launch plans"] == after_first["launch plans"] + 1
         # The backend's answer depends on devices and dtypes, not on the number of rows.
         assert after_rows["resolutions"] == after_first["resolutions"]
         _check(*_layer_tensors(9, K=17, seed=2))
-        assert counts()["launch plans"] == after_rows["launch plans"] + 2
+        assert counts()["launch plans"] == after_rows["launch plans"] + 1
         before_dtype = counts()
         _check(*_layer_tensors(9, dtype=torch.float16, seed=3), dtype=torch.float16)
         after_dtype = counts()
     assert after_dtype["resolutions"] == before_dtype["resolutions"] + 1
-    assert after_dtype["launch plans"] == before_dtype["launch plans"] + 2
+    assert after_dtype["launch plans"] == before_dtype["launch plans"] + 1
 
 
 def test_a_changed_backend_setting_is_seen_at_once(counts):
@@ -175,6 +176,8 @@ def _auto_forward(M=7):
 
 
 def _plans_run(monkeypatch):
+    """The names of the plans' functions in the order they run: expand_fused and expand_composed (what the race
+    times), _forward_torch (the fallback) and lora_linear_forward (the fused plan of one adapter, once settled)."""
     ran = []
     for name in ("expand_fused", "expand_composed", "_forward_torch"):
         original = getattr(autograd, name)
@@ -184,6 +187,13 @@ def _plans_run(monkeypatch):
             return _original(*args)
 
         monkeypatch.setattr(autograd, name, spy)
+    original_bundle = kernels.lora_linear_forward
+
+    def bundle(*args, **kwargs):
+        ran.append("lora_linear_forward")
+        return original_bundle(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lora_linear_forward", bundle)
     return ran
 
 
@@ -209,7 +219,7 @@ def test_auto_settles_its_plan_once_per_shape_class_and_follows_a_new_winner(cac
     for _ in range(CALLS):
         _auto_forward()
     # Raced once (both plans timed, then the winner run), and the shape-class key built once.
-    assert ran == ["expand_fused", "expand_composed", "expand_fused"] + ["expand_fused"] * (CALLS - 1)
+    assert ran == ["expand_fused", "expand_composed", "expand_fused"] + ["lora_linear_forward"] * (CALLS - 1)
     assert counts()["class keys"] == 1
 
     # A new winner (the cache file deleted and the plans raced again) is followed at once.
@@ -328,3 +338,29 @@ def test_auto_multi_adapter_launches_directly_and_settles_once_per_shape_class(c
     with ops.use_backend("triton"):
         multi_adapter.lora_multi_adapter_triton(y_grad.clone(), x, *args)
     assert op.calls == 1
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_one_adapter_launch_bundles_equal_the_separate_launchers(dropout_p):
+    x, weight, bias, (A,), (B,) = _layer_tensors(10)
+    seed = torch.tensor([77]) if dropout_p > 0 else None
+    y, shrunk = kernels.lora_linear_forward(x, weight, bias, A, B, 0.75, dropout_p, seed, dot_dtype=torch.float32)
+    want_shrunk = kernels.lora_shrink(x, A, 0.75, dropout_p, seed, dot_dtype=torch.float32)
+    want_y = kernels.dual_matmul(x, weight.T, want_shrunk, B.T, bias, out_dtype=x.dtype, dot_dtype=torch.float32)
+    assert torch.equal(shrunk, want_shrunk) and torch.equal(y, want_y)
+
+    grad_y = torch.randn_like(y)
+    grad_x, grad_a, grad_b = kernels.lora_linear_backward(
+        grad_y, x, weight, A, B, shrunk, 0.75, dropout_p, seed, dot_dtype=torch.float32
+    )
+    grad_s, want_b = kernels.lora_grad_dy(grad_y, B, shrunk, dot_dtype=torch.float32)
+    grad_s = grad_s * 0.75
+    want_a = kernels.lora_grad_a(grad_s, x, dropout_p, seed, dot_dtype=torch.float32)
+    want_x = kernels.dual_matmul(
+        grad_y, weight, grad_s, A, out_dtype=x.dtype, dropout_p=dropout_p, seed=seed, dot_dtype=torch.float32
+    )
+    assert torch.equal(grad_a, want_a) and torch.equal(grad_b, want_b) and torch.equal(grad_x, want_x)
+    no_grad_x, grad_a_only, _ = kernels.lora_linear_backward(
+        grad_y, x, weight, A, B, shrunk, 0.75, dropout_p, seed, needs_grad_x=False, dot_dtype=torch.float32
+    )
+    assert no_grad_x is None and torch.equal(grad_a_only, want_a)

@@ -198,6 +198,11 @@ def _class_key(fields: tuple) -> str:
 
 def forward(plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, S) for `plan` ("fused", "composed" or "auto"); see the module docstring."""
+    if plan == "fused" and len(lora_A) == 1:
+        p = dropout_p[0]
+        return _kernels().lora_linear_forward(
+            x, weight, bias, lora_A[0], lora_B[0], scaling[0], p, _seed(seeds, 0, p), dot_dtype=_dot_dtype(x)
+        )
     if plan != "auto":
         shrunk = _shrink_all(x, lora_A, scaling, dropout_p, seeds)
         expand = expand_fused if plan == "fused" else expand_composed
@@ -310,6 +315,23 @@ def _accumulate_masked(grad_x, masked) -> None:
 def _backward_kernels(grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad, plan):
     kernels = _kernels()
     dot_dtype = _dot_dtype(x)
+    if plan == "fused" and len(lora_A) == 1:
+        p = dropout_p[0]
+        grad_x, grad_a, grad_b = kernels.lora_linear_backward(
+            grad_out,
+            x,
+            weight,
+            lora_A[0],
+            lora_B[0],
+            shrunk,
+            scaling[0],
+            p,
+            _seed(seeds, 0, p),
+            needs_input_grad,
+            dot_dtype=dot_dtype,
+        )
+        grad_x = grad_x if grad_x is not None else x.new_empty(0)
+        return grad_x, [grad_a.to(lora_A[0].dtype)], [grad_b.to(lora_B[0].dtype)]
     grad_s, grad_b_cat = kernels.lora_grad_dy(grad_out, _cat_B(lora_B), shrunk, dot_dtype=dot_dtype)
     grad_A, grad_B, spans = [], [], []
     single = len(lora_A) == 1
