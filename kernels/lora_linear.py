@@ -632,13 +632,15 @@ def _lora_grad_dy_kernel(
     stride_dsr,
     stride_dbn,
     stride_dbr,
+    ds_scale,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    # One pass over a [BLOCK_M, N] stripe of dY: dS for these rows, and this stripe's share of dB (atomically).
+    # One pass over a [BLOCK_M, N] stripe of dY: dS for these rows (times ds_scale), and this stripe's share of dB
+    # (atomically).
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
@@ -671,14 +673,20 @@ def _lora_grad_dy_kernel(
             mask=mask_n[:, None] & mask_r[None, :],
         )
     tl.store(
-        ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr, ds, mask=mask_m[:, None] & mask_r[None, :]
+        ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+        ds * ds_scale,
+        mask=mask_m[:, None] & mask_r[None, :],
     )
 
 
 def lora_grad_dy(
-    grad_out: torch.Tensor, lora_B: torch.Tensor, shrunk: torch.Tensor, dot_dtype: torch.dtype | None = None
+    grad_out: torch.Tensor,
+    lora_B: torch.Tensor,
+    shrunk: torch.Tensor,
+    dot_dtype: torch.dtype | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Semantics: dS = dY @ B, dB = dY.T @ S, from one read of dY; both fp32.
+    """Semantics: dS = scale * dY @ B, dB = dY.T @ S, from one read of dY; both fp32.
 
     Shapes: dY [M, N], B [N, R], S [M, R]. Returns dS [M, R], dB [N, R].
     """
@@ -692,7 +700,9 @@ def lora_grad_dy(
     grad_b = torch.zeros(N, R, device=grad_out.device, dtype=torch.float32)
     if plan:
         grid, sizes, meta = plan
-        _lora_grad_dy_kernel.run(grad_out, lora_B, shrunk, grad_s, grad_b, *sizes, grid=grid, warmup=False, **meta)
+        _lora_grad_dy_kernel.run(
+            grad_out, lora_B, shrunk, grad_s, grad_b, *sizes, scale, grid=grid, warmup=False, **meta
+        )
     return grad_s, grad_b
 
 
@@ -1003,9 +1013,10 @@ def lora_linear_backward(
     through_b, to_a, to_x = plans
     if through_b:
         grid, sizes, meta = through_b
-        _lora_grad_dy_kernel.run(grad_out, lora_B, shrunk, grad_s, grad_b, *sizes, grid=grid, warmup=False, **meta)
-    # S was scaled by `scale`, so the gradient reaching the unscaled x A^T is scale * dS (in place: dS is ours).
-    grad_s.mul_(scale)
+        # S was scaled by `scale`, so the gradient reaching the unscaled x A^T is scale * dS: scaled as it is stored.
+        _lora_grad_dy_kernel.run(
+            grad_out, lora_B, shrunk, grad_s, grad_b, *sizes, scale, grid=grid, warmup=False, **meta
+        )
     grad_a = (torch.empty if to_a and not to_a[2]["SPLIT"] else torch.zeros)(R, K, device=x.device, dtype=torch.float32)
     if to_a:
         grid, sizes, meta = to_a
