@@ -8,13 +8,13 @@ Providers, all timing the whole layer call on the same inputs:
     peftfast_triton_noop
                     peftfast's LoRA layer on the triton backend with every Triton kernel launch made a no-op: only
                     the host side of the kernel path is timed (layer forward, dispatch, custom op and autograd,
-                    launchers with their shape checks, allocations, grids and configs, up to `kernel[grid](...)`).
+                    launchers with their launch-plan lookups and allocations, up to the kernel's `run`).
 A provider is a function of the case returning a no-argument call (`PROVIDERS`).
 
 The no-op seam is the Triton interpreter's `InterpretedFunction.run` (this script sets TRITON_INTERPRET=1 so that the
-triton backend serves CPU tensors): it is what `kernel[grid](*args)` calls, so every argument is built and passed as
-for a real launch, and nothing of the kernel runs. Not timed, because it is Triton's and not peftfast's: on a GPU,
-`JITFunction.run`'s own binding and launch (a few us a launch).
+triton backend serves CPU tensors): it is what a launch (`kernel.run(...)`, or `kernel[grid](...)`) calls, so every
+argument is built and passed as for a real launch, and nothing of the kernel runs. Not timed, because it is Triton's
+and not peftfast's: on a GPU, `JITFunction.run`'s own argument binding and the driver launch (a few us a launch).
 
 Modes: "eval" (a forward under torch.no_grad, the LoRA layer in eval mode) and "train" (forward and backward with
 dropout 0, the layer in training mode, gradients reset to None before each call).
