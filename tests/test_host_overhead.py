@@ -364,3 +364,15 @@ def test_one_adapter_launch_bundles_equal_the_separate_launchers(dropout_p):
         grad_y, x, weight, A, B, shrunk, 0.75, dropout_p, seed, needs_grad_x=False, dot_dtype=torch.float32
     )
     assert no_grad_x is None and torch.equal(grad_a_only, want_a)
+
+
+def test_repeated_mixed_batches_resolve_their_backend_once(counts):
+    y, x, args = _mixed_batch_call()
+    want = ops.reference.lora_multi_adapter(y.clone(), x, *args)
+    with ops.use_backend("triton"), torch.no_grad():
+        for _ in range(CALLS):
+            assert_close(ops.lora_multi_adapter(y.clone(), x, *args), want, kind="kernel")
+        assert counts()["resolutions"] == 1
+        ops.lora_multi_adapter(y.half(), x.half(), *args)
+    # fp16 activations: a new signature, resolved anew.
+    assert counts()["resolutions"] == 2

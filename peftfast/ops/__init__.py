@@ -103,7 +103,11 @@ def lora_add_masked(
 
 dispatch.register("lora_multi_adapter", "torch", reference.lora_multi_adapter)
 dispatch.register(
-    "lora_multi_adapter", "triton", multi_adapter.lora_multi_adapter_triton, can_serve=multi_adapter.can_run
+    "lora_multi_adapter",
+    "triton",
+    multi_adapter.lora_multi_adapter_triton,
+    can_serve=multi_adapter.can_run,
+    signature=multi_adapter.signature,
 )
 
 

@@ -27,6 +27,24 @@ def can_run(y, x, lora_A, lora_B_t, lora_B_bias, scaling, *args, **kwargs) -> bo
     return max(x.numel(), y.numel()) < 2**31 and autograd.triton_available()
 
 
+def signature(y, x, lora_A, lora_B_t, lora_B_bias, scaling, *args, **kwargs) -> tuple:
+    """Everything of a call that `can_run` reads (devices, dtypes, whether the sizes fit int32 offsets): the key its
+    backend resolution is cached on (see `dispatch.register`)."""
+    return (
+        y.device,
+        y.dtype,
+        x.device,
+        x.dtype,
+        lora_A.device,
+        lora_A.dtype,
+        lora_B_t.device,
+        lora_B_t.dtype,
+        None if lora_B_bias is None else lora_B_bias.device,
+        scaling.device,
+        max(x.numel(), y.numel()) < 2**31,
+    )
+
+
 @torch.library.custom_op("peftfast::lora_multi_adapter", mutates_args=("y",))
 def _lora_multi_adapter_op(
     y: torch.Tensor,
