@@ -171,7 +171,13 @@ from . import nf4 as _nf4  # noqa: E402
 dispatch.register("nf4_dequantize", "torch", reference.nf4_dequantize)
 dispatch.register("nf4_dequantize", "triton", _nf4.nf4_dequantize_triton, can_serve=_nf4.can_run_nf4_dequantize)
 dispatch.register("lora_linear_4bit", "torch", reference.lora_linear_4bit)
-dispatch.register("lora_linear_4bit", "triton", _nf4.lora_linear_4bit_triton, can_serve=_nf4.can_run_lora_linear_4bit)
+dispatch.register(
+    "lora_linear_4bit",
+    "triton",
+    _nf4.lora_linear_4bit_triton,
+    can_serve=_nf4.can_run_lora_linear_4bit,
+    signature=_nf4.lora_linear_4bit_signature,
+)
 
 
 def nf4_dequantize(weight: torch.Tensor, quant_state: object, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -277,6 +277,19 @@ def can_run_lora_linear_4bit(
     return numel < 2**31 and x.numel() < 2**31 and autograd.triton_available()
 
 
+def lora_linear_4bit_signature(x, weight, bias, compute_dtype, lora_A, lora_B, lora_B_bias, *args, **kwargs) -> tuple:
+    """Everything of a call that `can_run_lora_linear_4bit` reads (devices, dtypes, sizes against int32 offsets, B
+    biases): the key its backend resolution is cached on (see `dispatch.register`)."""
+    signature = [x.device, x.dtype, x.numel() < 2**31, compute_dtype, weight.shape[0] * weight.shape[1] < 2**31]
+    signature += [tensor.device for tensor in _storage_tensors(weight)]
+    signature.append(None if bias is None else bias.device)
+    signature.append(len(lora_A))
+    for tensor in (*lora_A, *lora_B):
+        signature += (tensor.device, tensor.dtype)
+    signature.append(any(b is not None for b in lora_B_bias))
+    return tuple(signature)
+
+
 def lora_linear_4bit_triton(
     x, weight, bias, compute_dtype, lora_A, lora_B, lora_B_bias, scaling, dropout_p, training
 ) -> torch.Tensor:
