@@ -201,6 +201,22 @@ def test_triton_backend_training_and_mixed_batch():
         assert ops.last_backend("lora_multi_adapter") == "triton"
 
 
+@pytest.mark.cpu_kernels
+def test_triton_backend_qlora_training_and_eval():
+    """The 4-bit path traces as its two custom ops (forward with the dropout seeds as a tensor, backward): two
+    active adapters, one with dropout."""
+    model = peftfast.get_peft_model(
+        quantize_to_4bit(_llama()), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False), adapter_name="a"
+    )
+    model.add_adapter("b", LoraConfig(r=6, lora_dropout=0.25, target_modules=TARGETS, init_lora_weights=False))
+    model.set_adapter(["a", "b"])
+    with ops.use_backend("triton"):
+        _check_training(model)
+        assert ops.last_backend("lora_linear_4bit") == "triton"
+        torch._dynamo.reset()
+        _check_eval(model)
+
+
 # A decode step: the model's forward compiled by `generate` itself (transformers compiles the decode steps of a
 # static-cache generate with `compile_config`; the prefill runs eagerly), counted by a named backend because
 # transformers deep-copies the compile config.

@@ -17,6 +17,7 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 pytest.importorskip("triton")
 from peftfast.kernels import nf4 as kernels  # noqa: E402
 
+from peftfast.ops import autotune  # noqa: E402
 from peftfast.ops import nf4 as nf4_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -240,3 +241,29 @@ def test_gpu_bf16_fused_and_buffer_paths_large_shape(M):
     torch_y = _torch_in_dtype(x, dense32.to(torch.bfloat16), bias, lora_A, lora_B, scaling)
     assert (y.double() - exact).abs().max() <= 1.05 * (torch_y.double() - exact).abs().max() + 1e-3
     assert torch.equal(kernels.nf4_dequantize(*_fields(packed, state), dtype=torch.bfloat16), dense32.bfloat16())
+
+
+@pytest.mark.parametrize("plan", ["fused", "auto"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("M", [3, 70], ids=["decode", "buffer"])
+def test_traced_custom_ops_pass_opcheck(M, nested, plan, monkeypatch, tmp_path):
+    """What torch.compile traces the 4-bit path into (the launchers read data pointers, which dynamo can't trace):
+    schema, fake and autograd of `lora_linear_4bit_fwd` and its backward op, with dropout on one of two adapters.
+    "auto" without timing (no GPU to time on): its default plan, through the failure lookups."""
+    monkeypatch.setenv(autotune.CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setenv(autotune.SWITCH, "0")
+    autotune.reset()
+    x, packed, state, bias, lora_A, lora_B = _lora_problem(M, 64, 21, 4, torch.float32, nested=nested)
+    second_A, second_B = lora_A[:3].clone() * 0.5, lora_B[:, :3].clone()
+    adapters = [tensor.requires_grad_(True) for tensor in (lora_A, second_A, lora_B, second_B)]
+    weight = nf4_ops._op_weight(_fields(packed, state))
+    seeds = torch.tensor([11, 12], dtype=torch.int64, device=DEVICE)
+    args = (x.requires_grad_(True), bias, *weight, adapters[:2], adapters[2:], [1.5, 0.5], [0.0, 0.25], seeds, plan)
+    torch.library.opcheck(nf4_ops.lora_linear_4bit_fwd, args)
+    y, shrunk = nf4_ops.lora_linear_4bit_fwd(*args)
+    with ops.use_backend("torch"):
+        reference_y = ops.lora_linear_4bit(x, packed, state, bias, torch.float32, [lora_A], [lora_B], [None], [1.5],
+                                           [0.0], False)  # fmt: skip
+    second = F.linear(shrunk[:, 4:], second_B)
+    assert_close(y - second, reference_y, dtype=torch.float32)
+    autotune.reset()

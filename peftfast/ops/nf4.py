@@ -172,31 +172,47 @@ def _forward(x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B) -
     return plans[chosen](), shrunk
 
 
+def _forward_with_fallback(x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B):
+    """(y, S, fell_back): `_forward`, except that under "auto" a shape class known to fail, or a kernel failure now,
+    runs the torch forward (the failure recorded)."""
+    args = (x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B)
+    if plan != "auto":
+        return *_forward(*args), False
+    key = autograd.class_key("lora_linear_4bit", x, weight.shape[0], lora_A, dropout_p)
+    if autotune.failed("lora_linear_4bit", key, x.device):
+        return *_forward_torch(*args), True
+    try:
+        return *_forward(*args), False
+    except Exception as error:
+        if not autotune.is_kernel_failure(error):
+            raise
+        autotune.record_failure("lora_linear_4bit", key, error, x.device)
+        return *_forward_torch(*args), True
+
+
+def _backward(grad_y, x, weight, fell_back, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_x, plan):
+    """(dX, [dA_i], [dB_i]) with W dequantized again: torch's dequantize and backward where the forward fell back,
+    else the kernels' backward on the scratch buffer."""
+    if fell_back:
+        W = reference.nf4_dequantize(*weight, dtype=x.dtype)
+        return autograd._backward_torch(grad_y, x, W, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_x)
+    W = _dequantize_into_buffer(weight, x.dtype)
+    return autograd.backward_eager(
+        grad_y.contiguous(), x, W, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_x, plan
+    )
+
+
 class _LoraLinear4bit(torch.autograd.Function):
-    """y = x W^T + bias + sum_i S_i B_i^T, S_i = s_i * dropout_i(x) A_i^T, W read from its 4-bit storage."""
+    """y = x W^T + bias + sum_i S_i B_i^T, S_i = s_i * dropout_i(x) A_i^T, W read from its 4-bit storage: the eager
+    boundary (traced, the custom ops below take its place)."""
 
     @staticmethod
     def forward(ctx, x, bias, weight, scaling, dropout_p, seeds, plan, *adapters):
         num = len(adapters) // 2
         lora_A, lora_B = list(adapters[:num]), list(adapters[num:])
-        args = (x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B)
-        if plan == "auto":
-            key = autograd.class_key("lora_linear_4bit", x, weight.shape[0], lora_A, dropout_p)
-            ctx.fell_back = autotune.failed("lora_linear_4bit", key, x.device)
-            if ctx.fell_back:
-                y, shrunk = _forward_torch(*args)
-            else:
-                try:
-                    y, shrunk = _forward(*args)
-                except Exception as error:
-                    if not autotune.is_kernel_failure(error):
-                        raise
-                    autotune.record_failure("lora_linear_4bit", key, error, x.device)
-                    ctx.fell_back = True
-                    y, shrunk = _forward_torch(*args)
-        else:
-            ctx.fell_back = False
-            y, shrunk = _forward(*args)
+        y, shrunk, ctx.fell_back = _forward_with_fallback(
+            x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B
+        )
         ctx.save_for_backward(x, shrunk, seeds, *lora_A, *lora_B)
         ctx.weight, ctx.num, ctx.has_bias, ctx.plan = weight, num, bias is not None, plan
         ctx.scaling, ctx.dropout_p = list(scaling), list(dropout_p)
@@ -206,41 +222,151 @@ class _LoraLinear4bit(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, shrunk, seeds, *adapters = ctx.saved_tensors
         lora_A, lora_B = list(adapters[: ctx.num]), list(adapters[ctx.num :])
-        if ctx.fell_back:
-            W = reference.nf4_dequantize(*ctx.weight, dtype=x.dtype)
-            grad_x, grad_A, grad_B = autograd._backward_torch(
-                grad_y, x, W, lora_A, lora_B, shrunk, ctx.scaling, ctx.dropout_p, seeds, ctx.needs_input_grad[0]
-            )
-        else:
-            W = _dequantize_into_buffer(ctx.weight, x.dtype)
-            # Eagerly the backward itself, traced its custom op (with a fake): the op's dispatch costs more than the
-            # launches at small shapes, and both run `autograd.backward`.
-            backward = autograd.lora_linear_bwd if torch.compiler.is_compiling() else autograd.backward_eager
-            grad_x, grad_A, grad_B = backward(
-                grad_y.contiguous(),
-                x,
-                W,
-                lora_A,
-                lora_B,
-                shrunk,
-                ctx.scaling,
-                ctx.dropout_p,
-                seeds,
-                ctx.needs_input_grad[0],
-                ctx.plan,
-            )
-        grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return (
-            grad_x if ctx.needs_input_grad[0] else None,
-            grad_bias,
-            None,
-            None,
-            None,
-            None,
-            None,
-            *grad_A,
-            *grad_B,
+        grad_x, grad_A, grad_B = _backward(
+            grad_y,
+            x,
+            ctx.weight,
+            ctx.fell_back,
+            lora_A,
+            lora_B,
+            shrunk,
+            ctx.scaling,
+            ctx.dropout_p,
+            seeds,
+            ctx.needs_input_grad[0],
+            ctx.plan,
         )
+        grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return (grad_x if ctx.needs_input_grad[0] else None, grad_bias, None, None, None, None, None, *grad_A, *grad_B)
+
+
+# Traced by torch.compile, the 4-bit path is two custom ops (the launchers read data pointers, which dynamo can't
+# trace): the weight travels as its tensors and sizes, the offset of a nested absmax as a tensor.
+
+
+def _op_weight(weight: Nf4Weight) -> tuple:
+    offset = weight.absmax_offset
+    if weight.absmax_code is not None and not isinstance(offset, torch.Tensor):
+        offset = torch.tensor([offset], dtype=torch.float32, device=weight.packed.device)
+    elif weight.absmax_code is None:
+        offset = None
+    fields = (weight.packed, weight.absmax, weight.code, weight.absmax_code, weight.absmax_scale, offset)
+    return (*fields, weight.blocksize, list(weight.shape), weight.absmax_blocksize)
+
+
+def _weight_of(packed, absmax, code, absmax_code, absmax_scale, absmax_offset, blocksize, shape, absmax_blocksize):
+    offset = 0.0 if absmax_offset is None else absmax_offset
+    return Nf4Weight(packed, absmax, code, blocksize, tuple(shape), absmax_code, absmax_scale, offset, absmax_blocksize)
+
+
+@torch.library.custom_op("peftfast::lora_linear_4bit_fwd", mutates_args=())
+def lora_linear_4bit_fwd(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax_code: torch.Tensor | None,
+    absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    blocksize: int,
+    shape: list[int],
+    absmax_blocksize: int,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    scaling: list[float],
+    dropout_p: list[float],
+    seeds: torch.Tensor | None,
+    plan: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = _weight_of(
+        packed, absmax, code, absmax_code, absmax_scale, absmax_offset, blocksize, shape, absmax_blocksize
+    )
+    y, shrunk, _ = _forward_with_fallback(x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B)
+    return y, shrunk
+
+
+@lora_linear_4bit_fwd.register_fake
+def _(x, bias, packed, absmax, code, absmax_code, absmax_scale, absmax_offset, blocksize, shape, absmax_blocksize,
+      lora_A, lora_B, scaling, dropout_p, seeds, plan):  # fmt: skip
+    rank = sum(A.shape[0] for A in lora_A)
+    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], rank, dtype=torch.float32)
+
+
+@torch.library.custom_op("peftfast::lora_linear_4bit_bwd", mutates_args=())
+def lora_linear_4bit_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax_code: torch.Tensor | None,
+    absmax_scale: torch.Tensor | None,
+    absmax_offset: torch.Tensor | None,
+    blocksize: int,
+    shape: list[int],
+    absmax_blocksize: int,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
+    shrunk: torch.Tensor,
+    scaling: list[float],
+    dropout_p: list[float],
+    seeds: torch.Tensor | None,
+    needs_input_grad: bool,
+    plan: str,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    weight = _weight_of(
+        packed, absmax, code, absmax_code, absmax_scale, absmax_offset, blocksize, shape, absmax_blocksize
+    )
+    # The forward ran on torch exactly when its shape class is recorded as failing (it fell back, or was known to).
+    key = autograd.class_key("lora_linear_4bit", x, shape[0], lora_A, dropout_p)
+    fell_back = plan == "auto" and autotune.failed("lora_linear_4bit", key, x.device)
+    grad_x, grad_A, grad_B = _backward(
+        grad_y, x, weight, fell_back, lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad, plan
+    )
+    return (grad_x if needs_input_grad else x.new_empty(0)), list(grad_A), list(grad_B)
+
+
+@lora_linear_4bit_bwd.register_fake
+def _(grad_y, x, packed, absmax, code, absmax_code, absmax_scale, absmax_offset, blocksize, shape, absmax_blocksize,
+      lora_A, lora_B, shrunk, scaling, dropout_p, seeds, needs_input_grad, plan):  # fmt: skip
+    grad_x = x.new_empty(x.shape) if needs_input_grad else x.new_empty(0)
+    return grad_x, [A.new_empty(A.shape) for A in lora_A], [B.new_empty(B.shape) for B in lora_B]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, bias, *weight_fields = inputs[:11]
+    lora_A, lora_B, scaling, dropout_p, seeds, plan = inputs[11:]
+    tensors, sizes = weight_fields[:6], weight_fields[6:]
+    ctx.save_for_backward(x, output[1], seeds, *tensors, *lora_A, *lora_B)
+    ctx.sizes, ctx.num, ctx.has_bias = sizes, len(lora_A), bias is not None
+    ctx.scaling, ctx.dropout_p, ctx.plan = list(scaling), list(dropout_p), plan
+
+
+def _op_backward(ctx, grad_y, grad_shrunk):
+    x, shrunk, seeds, *rest = ctx.saved_tensors
+    tensors, adapters = rest[:6], rest[6:]
+    lora_A, lora_B = list(adapters[: ctx.num]), list(adapters[ctx.num :])
+    grad_x, grad_A, grad_B = lora_linear_4bit_bwd(
+        grad_y.contiguous(),
+        x,
+        *tensors,
+        *ctx.sizes,
+        lora_A,
+        lora_B,
+        shrunk,
+        ctx.scaling,
+        ctx.dropout_p,
+        seeds,
+        ctx.needs_input_grad[0],
+        ctx.plan,
+    )
+    grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+    grads_x = grad_x if ctx.needs_input_grad[0] else None
+    return (grads_x, grad_bias, *([None] * 9), grad_A, grad_B, None, None, None, None)
+
+
+lora_linear_4bit_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def _forward_torch(x, bias, weight, scaling, dropout_p, seeds, plan, lora_A, lora_B):
@@ -301,5 +427,10 @@ def lora_linear_4bit_triton(
     seeds = autograd.new_seeds(len(ps), x.device) if any(p > 0 for p in ps) else None
     bias = bias.to(compute_dtype) if bias is not None else None
     plan = autograd.requested_plan()
-    y = _LoraLinear4bit.apply(x2d, bias, weight, [float(s) for s in scaling], ps, seeds, plan, *lora_A, *lora_B)
+    scaling = [float(s) for s in scaling]
+    if torch.compiler.is_compiling():
+        op_weight = _op_weight(weight)
+        y, _ = lora_linear_4bit_fwd(x2d, bias, *op_weight, list(lora_A), list(lora_B), scaling, ps, seeds, plan)
+    else:
+        y = _LoraLinear4bit.apply(x2d, bias, weight, scaling, ps, seeds, plan, *lora_A, *lora_B)
     return y.reshape(*lead, weight.shape[0]).to(x.dtype)
