@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv
 from .lora_linear import (
     _TORCH_TO_TL,
     MIN_DOT,
@@ -162,7 +163,7 @@ def weight_times_adapter(
     block_n = 32
     block_k = 32 if _on_interpreter(weight) else 64
     block_r = min(16 if weight.dtype == torch.float32 else 32, _rank_block(R))
-    grid = (triton.cdiv(N, block_n), triton.cdiv(R, block_r))
+    grid = (cdiv(N, block_n), cdiv(R, block_r))
     _weight_times_adapter_kernel[grid](
         weight,
         lora_A,
@@ -405,12 +406,12 @@ def dora_forward(
     )
     if _on_interpreter(x):
         # The interpreter is slow and autotuning would multiply that: one small config.
-        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
+        grid = (cdiv(M, 32) * cdiv(N, 32),)
         _dora_forward_kernel[grid](*args, **common, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
     else:
 
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
         _dora_forward_tuned[dropout_p > 0, dot_dtype == torch.float32][grid](*args, **common)
     return y, z
@@ -594,12 +595,12 @@ def dora_grad_x(
         BLOCK_R=_rank_tile(R),
     )
     if _on_interpreter(grad_y):
-        grid = (triton.cdiv(M, 32) * triton.cdiv(K, 32),)
+        grid = (cdiv(M, 32) * cdiv(K, 32),)
         _dora_grad_x_kernel[grid](*args, **common, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
     else:
 
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
 
         _dora_grad_x_tuned[dropout_p > 0, dot_dtype == torch.float32][grid](*args, **common)
     return grad_x
@@ -656,16 +657,16 @@ def column_dot(grad_y: torch.Tensor, z: torch.Tensor, splits: int | None = None)
     # sm_90).
     block_m = 32
     block_n = 32 if _on_interpreter(grad_y) else 64
-    n_blocks = triton.cdiv(N, block_n)
-    m_blocks = triton.cdiv(M, block_m)
+    n_blocks = cdiv(N, block_n)
+    m_blocks = cdiv(M, block_m)
     if splits is None and _on_interpreter(grad_y):
         splits = 1
     elif splits is None:
         # Unmeasured tuning, as lora_grad_a's: about two programs per SM.
         splits = 2 * _sm_count(grad_y) // n_blocks
     splits = max(1, min(splits, m_blocks))
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    rows_per_split = cdiv(m_blocks, splits) * block_m
+    splits = cdiv(M, rows_per_split)
     _column_dot_kernel[(n_blocks, splits)](
         grad_y,
         z,

@@ -24,13 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .lora_linear import _TORCH_TO_TL, MIN_DOT, _on_interpreter, _precision
 
 
 def rank_block(rank: int) -> int:
     """Block size along a rank dimension: a power of two >= 16, at most 64 (longer ranks loop or take more
     programs, keeping a BLOCK_M x 64 fp32 accumulator as `lora_linear`'s kernels do)."""
-    return min(max(MIN_DOT, triton.next_power_of_2(max(rank, 1))), 64)
+    return min(max(MIN_DOT, next_power_of_2(max(rank, 1))), 64)
 
 
 def group_tiles(offsets: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
@@ -43,7 +44,7 @@ def group_tiles(offsets: torch.Tensor, num_rows: int, block_m: int) -> torch.Ten
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     tiles_per_group = (ends - starts + block_m - 1) // block_m
     last_tile = torch.cumsum(tiles_per_group, 0)
-    n_tiles = triton.cdiv(num_rows, block_m) + num_groups
+    n_tiles = cdiv(num_rows, block_m) + num_groups
     tile = torch.arange(n_tiles, device=device)
     group = torch.searchsorted(last_tile, tile, right=True)
     busy = group < num_groups
@@ -245,7 +246,7 @@ def grouped_matmul(
     block_n = _feature_or_rank_block(N, inp, dot_dtype)
     block_k = _feature_or_rank_block(K, inp, dot_dtype, most=32 if dot_dtype == torch.float32 else 64)
     base_ = base if base is not None else out
-    _grouped_matmul_kernel[(tiles.shape[0], triton.cdiv(N, block_n))](
+    _grouped_matmul_kernel[(tiles.shape[0], cdiv(N, block_n))](
         inp,
         mat,
         base_,
@@ -306,7 +307,7 @@ def grouped_outer(
     # Rows stream in blocks of 32 (the smallest dot size that keeps the loop short): with 64 x 64 output blocks in
     # 16-bit that is 206 registers on sm_80, no spills.
     block_s = 32
-    _grouped_outer_kernel[(E, triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+    _grouped_outer_kernel[(E, cdiv(M, block_m), cdiv(N, block_n))](
         a,
         b,
         offsets,
