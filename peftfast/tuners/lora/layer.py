@@ -588,10 +588,6 @@ def _runs_plain(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
-def _no_global_module_hooks() -> bool:
-    return not (_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
-
-
 def _is_plain_linear(module: nn.Module) -> bool:
     """A bare nn.Linear with no hooks: its GEMM can be fused with the LoRA term."""
     return type(module) is nn.Linear and _runs_plain(module)
@@ -855,11 +851,16 @@ class Linear(nn.Module, LoraLayer):
     def _adapters_run_plain(self, active: list[str]) -> bool:
         """No hook runs around the `active` adapters' lora_A, lora_B and dropout modules (nor any global module
         hook), so the fused ops may read their weights instead of calling them."""
-        if not _no_global_module_hooks():
+        # Per call of every LoRA layer: plain loops, no generator or helper call per module.
+        if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
             return False
         modules = self._modules
-        holders = (modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_dropout"]._modules)
-        return all(_runs_plain(holder[name]) for name in active for holder in holders)
+        for holder in (modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_dropout"]._modules):
+            for name in active:
+                module = holder[name]
+                if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+                    return False
+        return True
 
     def _forward_through_modules(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """HF PEFT's composition, calling lora_A and lora_B as modules, so that hooks on them run: with input casting
