@@ -159,6 +159,14 @@ class LoraLayer(BaseTunerLayer):
     def _set_dropout(self, adapter_name: str, lora_dropout: float) -> None:
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
 
+    def _set_hyperparameters(
+        self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool, lora_dropout: float
+    ) -> None:
+        """The first step of every `update_layer`: check the rank, then record scaling and dropout."""
+        self._check_rank(r)
+        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
+        self._set_dropout(adapter_name, lora_dropout)
+
     def reset_lora_parameters(
         self,
         adapter_name: str,
@@ -664,9 +672,7 @@ class Linear(nn.Module, LoraLayer):
         use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
-        self._check_rank(r)
-        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
-        self._set_dropout(adapter_name, lora_dropout)
+        self._set_hyperparameters(adapter_name, r, lora_alpha, use_rslora, lora_dropout)
         self.lora_A[adapter_name] = _new_linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = _new_linear(r, self.out_features, bias=lora_bias)
         self.lora_bias[adapter_name] = lora_bias
@@ -999,9 +1005,7 @@ class Embedding(nn.Module, LoraLayer):
         use_dora: bool = False,
         **kwargs: Any,
     ) -> None:
-        self._check_rank(r)
-        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
-        self._set_dropout(adapter_name, lora_dropout)
+        self._set_hyperparameters(adapter_name, r, lora_alpha, use_rslora, lora_dropout)
         weight = self.get_base_layer().weight
         self.lora_embedding_A[adapter_name] = nn.Parameter(
             weight.new_empty(r, self.in_features, dtype=torch.float32, device="cpu").normal_()

@@ -104,9 +104,7 @@ class MultiheadAttention(nn.Module, LoraLayer):
         **kwargs: Any,
     ) -> None:
         _check_not_alora(use_alora)
-        self._check_rank(r)
-        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
-        self._set_dropout(adapter_name, lora_dropout)
+        self._set_hyperparameters(adapter_name, r, lora_alpha, use_rslora, lora_dropout)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
         self.lora_bias[adapter_name] = lora_bias

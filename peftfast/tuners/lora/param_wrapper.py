@@ -118,9 +118,7 @@ class ParamWrapper(nn.Module, LoraLayer):
             raise ValueError(f"{self._what()} does not work with lora_bias=True (as in HF PEFT).")
         if kwargs.get("use_dora"):
             raise ValueError(f"{self._what()} does not work with use_dora=True (as in HF PEFT).")
-        self._check_rank(r)
-        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
-        self._set_dropout(adapter_name, 0.0)
+        self._set_hyperparameters(adapter_name, r, lora_alpha, use_rslora, 0.0)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r * self.num_experts, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r * self.num_experts, self.out_features, bias=False)
         self.lora_bias[adapter_name] = False
