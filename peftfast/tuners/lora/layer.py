@@ -956,8 +956,9 @@ class Linear(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-class Embedding(nn.Module, LoraLayer):
-    """LoRA on an embedding: `y = E[ids] + scaling * A.T[ids] @ B.T`."""
+class _EmbeddingOrConv(nn.Module, LoraLayer):
+    """What Embedding and the convolutions share: HF PEFT's constructor (check the target, then the first adapter's
+    `update_layer`), LoraLayer's forward over their `_adapter_output`, and the repr."""
 
     def __init__(
         self,
@@ -974,8 +975,7 @@ class Embedding(nn.Module, LoraLayer):
         ephemeral_gpu_offload: bool = False,
         **kwargs: Any,
     ) -> None:
-        if lora_bias:
-            raise ValueError("lora_bias=True is not supported for Embedding layers (as in HF PEFT).")
+        self._check_target(base_layer, lora_bias)
         super().__init__()
         LoraLayer.__init__(self, base_layer, ephemeral_gpu_offload=ephemeral_gpu_offload)
         self._active_adapter = adapter_name
@@ -991,6 +991,22 @@ class Embedding(nn.Module, LoraLayer):
             use_dora=use_dora,
             **_initialisation_options(kwargs),
         )
+
+    def _check_target(self, base_layer: nn.Module, lora_bias: bool) -> None:
+        """Refuse a base layer or option this layer type cannot take, before anything is built."""
+
+    forward = LoraLayer.forward
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Embedding(_EmbeddingOrConv):
+    """LoRA on an embedding: `y = E[ids] + scaling * A.T[ids] @ B.T`."""
+
+    def _check_target(self, base_layer: nn.Module, lora_bias: bool) -> None:
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for Embedding layers (as in HF PEFT).")
 
     def update_layer(
         self,
@@ -1068,52 +1084,18 @@ class Embedding(nn.Module, LoraLayer):
             return ops.dora_scale(result, lora_out, magnitude, self._dora_weight_norm(adapter))
         return result + lora_out
 
-    forward = LoraLayer.forward
 
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
-
-
-class _ConvNd(nn.Module, LoraLayer):
+class _ConvNd(_EmbeddingOrConv):
     """LoRA on a convolution: A is a conv with the base kernel, stride and padding into r channels; B a 1x1 conv."""
 
     _kernel_dim: int = 4
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        init_lora_weights: bool | str = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
-        autocast_adapter_dtype: bool = True,
-        use_dora: bool = False,
-        ephemeral_gpu_offload: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        LoraLayer.__init__(self, base_layer, ephemeral_gpu_offload=ephemeral_gpu_offload)
+    def _check_target(self, base_layer: nn.Module, lora_bias: bool) -> None:
         if base_layer.weight.dim() != self._kernel_dim:
             raise ValueError(
                 f"{type(self).__name__} expects a {self._kernel_dim - 2}d convolution, got a weight of "
                 f"shape {tuple(base_layer.weight.shape)}."
             )
-        self._active_adapter = adapter_name
-        self.update_layer(
-            adapter_name,
-            r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            init_lora_weights=init_lora_weights,
-            use_rslora=use_rslora,
-            lora_bias=lora_bias,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            use_dora=use_dora,
-            **_initialisation_options(kwargs),
-        )
 
     def update_layer(
         self,
@@ -1216,11 +1198,6 @@ class _ConvNd(nn.Module, LoraLayer):
             return ops.dora_scale(result, lora_out, magnitude, norm, base_dropped=base_dropped, channel_dim=1)
         lora_out = lora_B(lora_A(x)) * self.scaling[adapter]
         return ops.dora_scale(result, lora_out, magnitude, norm, base.bias, channel_dim=1)
-
-    forward = LoraLayer.forward
-
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
 
 
 class Conv1d(_ConvNd):
