@@ -41,6 +41,11 @@ def _blocks_fused_encoder_path(module: nn.Module, args: tuple) -> None:
     return None
 
 
+def _read_through(name: str) -> property:
+    """A read-only property that returns the wrapped attention's attribute `name`."""
+    return property(lambda self: getattr(self.get_base_layer(), name), doc=f"The attention's `{name}`.")
+
+
 class MultiheadAttention(nn.Module, LoraLayer):
     """LoRA on an `nn.MultiheadAttention`: `W_in + s * B A` for the packed input projection, a `lora.Linear` on
     out_proj (see the module docstring for what follows HF PEFT 0.21.2)."""
@@ -123,61 +128,23 @@ class MultiheadAttention(nn.Module, LoraLayer):
         self.set_adapter(self.active_adapters)
 
     # nn.MultiheadAttention's attributes, read through (code that inspects the attention module keeps working).
-    @property
-    def embed_dim(self) -> int:
-        return self.get_base_layer().embed_dim
-
-    @property
-    def kdim(self) -> int:
-        return self.get_base_layer().kdim
-
-    @property
-    def vdim(self) -> int:
-        return self.get_base_layer().vdim
-
-    @property
-    def _qkv_same_embed_dim(self) -> bool:
-        return self.get_base_layer()._qkv_same_embed_dim
-
-    @property
-    def num_heads(self) -> int:
-        return self.get_base_layer().num_heads
-
-    @property
-    def dropout(self) -> float:
-        return self.get_base_layer().dropout
-
-    @property
-    def batch_first(self) -> bool:
-        return self.get_base_layer().batch_first
-
-    @property
-    def head_dim(self) -> int:
-        return self.get_base_layer().head_dim
-
-    @property
-    def in_proj_weight(self) -> nn.Parameter:
-        return self.get_base_layer().in_proj_weight
-
-    @property
-    def in_proj_bias(self) -> nn.Parameter | None:
-        return self.get_base_layer().in_proj_bias
+    embed_dim = _read_through("embed_dim")
+    kdim = _read_through("kdim")
+    vdim = _read_through("vdim")
+    _qkv_same_embed_dim = _read_through("_qkv_same_embed_dim")
+    num_heads = _read_through("num_heads")
+    dropout = _read_through("dropout")
+    batch_first = _read_through("batch_first")
+    head_dim = _read_through("head_dim")
+    in_proj_weight = _read_through("in_proj_weight")
+    in_proj_bias = _read_through("in_proj_bias")
+    bias_k = _read_through("bias_k")
+    bias_v = _read_through("bias_v")
+    add_zero_attn = _read_through("add_zero_attn")
 
     @property
     def out_proj(self) -> nn.Module:
         return self.get_base_layer().out_proj.get_base_layer()
-
-    @property
-    def bias_k(self) -> nn.Parameter | None:
-        return self.get_base_layer().bias_k
-
-    @property
-    def bias_v(self) -> nn.Parameter | None:
-        return self.get_base_layer().bias_v
-
-    @property
-    def add_zero_attn(self) -> bool:
-        return self.get_base_layer().add_zero_attn
 
     def merge_masks(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, int | None]:
         return self.get_base_layer().merge_masks(*args, **kwargs)
