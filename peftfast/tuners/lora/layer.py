@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -488,6 +489,20 @@ class LoraLayer(BaseTunerLayer):
         raise NotImplementedError
 
 
+def delta_on_cpu_in_fp32(
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    dtype: torch.dtype,
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """`product(weight_A, weight_B)`, a layer's delta weight; for fp16/bf16 `dtype` on the CPU computed from fp32
+    copies and cast back to `dtype` (half-precision matmuls on CPU are slow and not always available)."""
+    upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+    if upcast:
+        return product(weight_A.float(), weight_B.float()).to(dtype)
+    return product(weight_A, weight_B)
+
+
 def _initialisation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The sub-configs LoftQ and LoRA-GA initialisations read, from a layer's constructor/update_layer kwargs."""
     return {name: kwargs[name] for name in ("loftq_config", "lora_ga_config") if name in kwargs}
@@ -686,15 +701,11 @@ class Linear(nn.Module, LoraLayer):
         self._activate_added_adapter(adapter_name)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        weight_A = self.lora_A[adapter].weight
-        weight_B = self.lora_B[adapter].weight
-        dtype = weight_B.dtype
-        # Half-precision matmuls on CPU are slow and not always available: compute in fp32 there.
-        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if upcast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
-        delta = transpose(weight_B @ weight_A, self.fan_in_fan_out) * self.scaling[adapter]
-        return delta.to(dtype) if upcast else delta
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        scaling = self.scaling[adapter]
+        return delta_on_cpu_in_fp32(
+            weight_A, weight_B, weight_B.dtype, lambda A, B: transpose(B @ A, self.fan_in_fan_out) * scaling
+        )
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         if adapter in self.lora_magnitude_vector:
@@ -1050,14 +1061,9 @@ class Embedding(_EmbeddingOrConv):
         return dora.weight_norm_on(device, weight, lora_A, lora_B, self.scaling[adapter], weight_sq)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        weight_A = self.lora_embedding_A[adapter]
-        weight_B = self.lora_embedding_B[adapter]
-        dtype = weight_A.dtype
-        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if upcast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
-        delta = (weight_B @ weight_A).T * self.scaling[adapter]
-        return delta.to(dtype) if upcast else delta
+        weight_A, weight_B = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
+        scaling = self.scaling[adapter]
+        return delta_on_cpu_in_fp32(weight_A, weight_B, weight_A.dtype, lambda A, B: (B @ A).T * scaling)
 
     def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
@@ -1165,20 +1171,17 @@ class _ConvNd(_EmbeddingOrConv):
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        weight_A = self.lora_A[adapter].weight
-        weight_B = self.lora_B[adapter].weight
-        dtype = weight_A.dtype
-        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if upcast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return delta_on_cpu_in_fp32(weight_A, weight_B, weight_A.dtype, lambda A, B: self._delta(A, B, adapter))
+
+    def _delta(self, weight_A: torch.Tensor, weight_B: torch.Tensor, adapter: str) -> torch.Tensor:
         if all(size == 1 for size in self.get_base_layer().weight.shape[2:]):
             spatial = weight_A.shape[2:]
             delta = (weight_B.flatten(1) @ weight_A.flatten(1)).reshape(weight_B.shape[0], weight_A.shape[1], *spatial)
         else:
             # Composing the 1x1 conv B after conv A is the conv of A's kernels by B's channel mixing.
             delta = self._conv(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
-        delta = delta * self.scaling[adapter]
-        return delta.to(dtype) if upcast else delta
+        return delta * self.scaling[adapter]
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         lora_A, lora_B, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]

@@ -33,7 +33,7 @@ from torch import nn
 
 from ... import ops
 from ..tuners_utils import BaseTunerLayer
-from .layer import Linear, LoraLayer
+from .layer import Linear, LoraLayer, delta_on_cpu_in_fp32
 
 
 def _blocks_fused_encoder_path(module: nn.Module, args: tuple) -> None:
@@ -152,15 +152,9 @@ class MultiheadAttention(nn.Module, LoraLayer):
     # Merging.
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The in_proj delta `scaling * B @ A` [3E, E] (out_proj's is its own layer's `get_delta_weight`)."""
-        weight_A = self.lora_A[adapter].weight
-        weight_B = self.lora_B[adapter].weight
-        dtype = weight_B.dtype
-        # Half-precision matmuls on CPU are slow and not always available: compute in fp32 there.
-        upcast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        if upcast:
-            weight_A, weight_B = weight_A.float(), weight_B.float()
-        delta = (weight_B @ weight_A) * self.scaling[adapter]
-        return delta.to(dtype) if upcast else delta
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        scaling = self.scaling[adapter]
+        return delta_on_cpu_in_fp32(weight_A, weight_B, weight_B.dtype, lambda A, B: (B @ A) * scaling)
 
     def _merge_deltas(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(in_proj delta, the out_proj delta HF PEFT adds besides out_proj's own merge), in the base dtype."""
