@@ -50,6 +50,15 @@ def _first_adapter_weight(layer: LoraLayer) -> list[torch.Tensor]:
     return []
 
 
+def _drop_names_matching(names: list[str] | set[str], keys: list[str]) -> None:
+    """For each module key, remove from `names` (in place) the first name that matches it as a dotted-path suffix."""
+    for key in keys:
+        for name in names:
+            if re.match(rf"(^|.*\.){name}($|\..*)", key):
+                names.remove(name)
+                break
+
+
 def _check_variants(config: LoraConfig, target: nn.Module, key: str) -> None:
     """HF PEFT's refusals of LoRA variants, checked before the model is changed: aLoRA adapts Linear layers only,
     and combines with no other variant."""
@@ -233,11 +242,7 @@ class LoraModel(BaseTuner):
         embeddings = input_embeddings_name(self.model)
         if embeddings not in modules_to_save:
             modules_to_save.append(embeddings)
-        for key in tied_names:
-            for name in modules_to_save:
-                if re.match(rf"(^|.*\.){name}($|\..*)", key):
-                    modules_to_save.remove(name)
-                    break
+        _drop_names_matching(modules_to_save, tied_names)
         config.modules_to_save = modules_to_save
 
     def _add_targets_to_tie(self, config: LoraConfig, tied_names: list[str]) -> None:
@@ -252,11 +257,7 @@ class LoraModel(BaseTuner):
             return
         targets = set(targets or [])
         targets.add(embeddings)
-        for key in tied_names:
-            for name in targets:
-                if re.match(rf"(^|.*\.){name}($|\..*)", key):
-                    targets.remove(name)
-                    break
+        _drop_names_matching(targets, tied_names)
         config.target_modules = targets
 
     def _create_and_replace_parameter(
