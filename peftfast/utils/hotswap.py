@@ -96,16 +96,20 @@ def _copy_rank_blocks(destination: torch.Tensor, source: torch.Tensor, groups: i
         destination[group * step_out : group * step_out + step_in] = source[group * step_in : (group + 1) * step_in]
 
 
-def _padded_linear(module: nn.Linear, target_rank: int, is_lora_A: bool) -> nn.Linear:
-    weight = module.weight
-    rank = weight.shape[0] if is_lora_A else weight.shape[1]
-    if rank == target_rank:
-        return module
+def _check_rank_fits(rank: int, target_rank: int) -> None:
     if rank > target_rank:
         raise ValueError(
             f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger ({rank}). "
             "This is not possible."
         )
+
+
+def _padded_linear(module: nn.Linear, target_rank: int, is_lora_A: bool) -> nn.Linear:
+    weight = module.weight
+    rank = weight.shape[0] if is_lora_A else weight.shape[1]
+    if rank == target_rank:
+        return module
+    _check_rank_fits(rank, target_rank)
     shape = (target_rank, weight.shape[1]) if is_lora_A else (weight.shape[0], target_rank)
     new = nn.Linear(shape[1], shape[0], bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -122,11 +126,7 @@ def _padded_conv2d(module: nn.Conv2d, target_rank: int, is_lora_A: bool, base_gr
     rank = out_channels if is_lora_A else in_channels * module.groups
     if rank == target_rank:
         return module
-    if rank > target_rank:
-        raise ValueError(
-            f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger ({rank}). "
-            "This is not possible."
-        )
+    _check_rank_fits(rank, target_rank)
     if is_lora_A:
         padded = weight.new_zeros(target_rank, in_channels, *kernel)
         if base_groups == 1:
