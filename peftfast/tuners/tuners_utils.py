@@ -25,6 +25,7 @@ from ..utils.constants import (
 from ..utils.error import NoMatchingPeftModuleError
 from ..utils.names import adapter_name_list, check_adapter_name, check_known_adapters
 from ..utils.other import (
+    ActiveAdapterState,
     AuxiliaryTrainingWrapper,
     TrainableTokensWrapper,
     check_token_indices,
@@ -314,7 +315,7 @@ def set_entry_requires_grad(item: nn.Module | torch.Tensor, requires_grad: bool)
     item.requires_grad_(requires_grad)
 
 
-class BaseTunerLayer:
+class BaseTunerLayer(ActiveAdapterState):
     """Per-layer adapter bookkeeping shared by every method's layers (mixed into an `nn.Module`).
 
     Subclasses set `adapter_layer_names` (attributes holding trainable per-adapter modules or parameters) and
@@ -344,18 +345,6 @@ class BaseTunerLayer:
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
 
     def _all_available_adapter_names(self) -> list[str]:
         """Every adapter with any state on this layer, sorted (HF PEFT's order, used to pick a new active one)."""

@@ -189,7 +189,24 @@ def modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(named_modules_outside_adapters(model, into_wrappers=False))
 
 
-class AuxiliaryTrainingWrapper(nn.Module):
+class ActiveAdapterState:
+    """The active-adapter properties adapter layers (`BaseTunerLayer`) and `AuxiliaryTrainingWrapper` both show, read
+    from their `_active_adapter` (a name or a list of names) and `_disable_adapters`."""
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
+
+
+class AuxiliaryTrainingWrapper(nn.Module, ActiveAdapterState):
     """A module trained and saved next to an adapter method's layers but outside of them (HF PEFT's base of
     `ModulesToSaveWrapper` and `TrainableTokensWrapper`).
 
@@ -244,18 +261,6 @@ class AuxiliaryTrainingWrapper(nn.Module):
 
     def _has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self._get_available_adapters()
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
 
     def _hasattr_wrapped(self, name: str) -> bool:
         """Whether attribute `name`, not found on the wrapper, comes from the active adapter's version."""
