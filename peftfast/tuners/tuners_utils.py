@@ -25,7 +25,7 @@ from ..utils.constants import (
 from ..utils.error import NoMatchingPeftModuleError
 from ..utils.names import adapter_name_list, check_adapter_name, check_known_adapters
 from ..utils.other import (
-    ActiveAdapterState,
+    AdapterState,
     AuxiliaryTrainingWrapper,
     TrainableTokensWrapper,
     check_token_indices,
@@ -315,7 +315,7 @@ def set_entry_requires_grad(item: nn.Module | torch.Tensor, requires_grad: bool)
     item.requires_grad_(requires_grad)
 
 
-class BaseTunerLayer(ActiveAdapterState):
+class BaseTunerLayer(AdapterState):
     """Per-layer adapter bookkeeping shared by every method's layers (mixed into an `nn.Module`).
 
     Subclasses set `adapter_layer_names` (attributes holding trainable per-adapter modules or parameters) and
@@ -387,14 +387,6 @@ class BaseTunerLayer(ActiveAdapterState):
             for name, item in holder.items():
                 set_entry_requires_grad(item, name in adapter_names and not inference_mode)
         self._active_adapter = adapter_names if len(adapter_names) != 1 else adapter_names[0]
-
-    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Turn gradients of the named adapters' weights on or off, whether they are active or not."""
-        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
-        for holder in self._adapter_holders():
-            for name, item in holder.items():
-                if name in names:
-                    item.requires_grad_(requires_grad)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether this layer's adapter can be converted to LoRA: its effect is a delta weight added to the base

@@ -189,9 +189,10 @@ def modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(named_modules_outside_adapters(model, into_wrappers=False))
 
 
-class ActiveAdapterState:
-    """The active-adapter properties adapter layers (`BaseTunerLayer`) and `AuxiliaryTrainingWrapper` both show, read
-    from their `_active_adapter` (a name or a list of names) and `_disable_adapters`."""
+class AdapterState:
+    """What adapter layers (`BaseTunerLayer`) and `AuxiliaryTrainingWrapper` share: the active-adapter properties,
+    read from their `_active_adapter` (a name or a list of names) and `_disable_adapters`, and `set_requires_grad`
+    over the per-adapter dicts of their `_adapter_holders()`."""
 
     @property
     def disable_adapters(self) -> bool:
@@ -205,8 +206,16 @@ class ActiveAdapterState:
     def active_adapters(self) -> list[str]:
         return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
 
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' weights on or off, whether they are active or not."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for holder in self._adapter_holders():
+            for name, item in holder.items():
+                if name in names:
+                    item.requires_grad_(requires_grad)
 
-class AuxiliaryTrainingWrapper(nn.Module, ActiveAdapterState):
+
+class AuxiliaryTrainingWrapper(nn.Module, AdapterState):
     """A module trained and saved next to an adapter method's layers but outside of them (HF PEFT's base of
     `ModulesToSaveWrapper` and `TrainableTokensWrapper`).
 
@@ -345,14 +354,6 @@ class AuxiliaryTrainingWrapper(nn.Module, ActiveAdapterState):
 
     def _adapter_holders(self) -> list[nn.Module]:
         return [operator.attrgetter(name)(self) for name in self.adapter_layer_names]
-
-    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Turn gradients of the named adapters' weights on or off, whether they are active or not."""
-        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
-        for holder in self._adapter_holders():
-            for name, item in holder.items():
-                if name in names:
-                    item.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str, new_active_adapters: list[str] | None = None) -> None:
         """Remove `adapter_name`; if it was active, activate the first of `new_active_adapters` this wrapper has."""
