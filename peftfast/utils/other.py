@@ -189,6 +189,17 @@ def modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(named_modules_outside_adapters(model, into_wrappers=False))
 
 
+def embedding_options(embedding: nn.Embedding) -> dict[str, Any]:
+    """The lookup options of `embedding` as `F.embedding`'s keywords, for code that looks up in another weight."""
+    return {
+        "padding_idx": embedding.padding_idx,
+        "max_norm": embedding.max_norm,
+        "norm_type": embedding.norm_type,
+        "scale_grad_by_freq": embedding.scale_grad_by_freq,
+        "sparse": embedding.sparse,
+    }
+
+
 class AdapterState:
     """What adapter layers (`BaseTunerLayer`) and `AuxiliaryTrainingWrapper` share: the active-adapter properties,
     read from their `_active_adapter` (a name or a list of names) and `_disable_adapters`, and `set_requires_grad`

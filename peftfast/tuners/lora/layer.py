@@ -19,6 +19,7 @@ from torch.nn.modules import module as _torch_module
 from ... import ops
 from ...utils.constants import UPCAST_DTYPES
 from ...utils.mixed_batch import AdapterRowGroups, MixedBatch, MixedBatchSource
+from ...utils.other import embedding_options
 from ..tuners_utils import BaseTunerLayer, set_entry_requires_grad
 from . import dora
 from . import init as lora_init
@@ -1066,16 +1067,7 @@ class Embedding(_EmbeddingOrConv):
         return delta_on_cpu_in_fp32(weight_A, weight_B, weight_A.dtype, lambda A, B: (B @ A).T * scaling)
 
     def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        base = self.get_base_layer()
-        return F.embedding(
-            ids,
-            weight,
-            padding_idx=base.padding_idx,
-            max_norm=base.max_norm,
-            norm_type=base.norm_type,
-            scale_grad_by_freq=base.scale_grad_by_freq,
-            sparse=base.sparse,
-        )
+        return F.embedding(ids, weight, **embedding_options(self.get_base_layer()))
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: str) -> torch.Tensor:
         after_A = self._embed(x, self.lora_embedding_A[adapter].T)

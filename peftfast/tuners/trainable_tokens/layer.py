@@ -23,7 +23,7 @@ from torch import nn
 
 from ... import ops
 from ...utils.mixed_batch import BASE, AdapterRowGroups
-from ...utils.other import TrainableTokensWrapper, check_token_indices
+from ...utils.other import TrainableTokensWrapper, check_token_indices, embedding_options
 from .._buffer_dict import BufferDict
 from ..tuners_utils import BaseTunerLayer
 
@@ -236,18 +236,7 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
         rows = [self.trainable_tokens_delta[name] for name in present]
         rows = rows[0] if len(rows) == 1 else torch.cat([row.to(rows[0].dtype) for row in rows])
         if isinstance(base, nn.Embedding):
-            result = ops.embedding_with_replaced_rows(
-                x,
-                base.weight,
-                index,
-                slots,
-                rows,
-                padding_idx=base.padding_idx,
-                max_norm=base.max_norm,
-                norm_type=base.norm_type,
-                scale_grad_by_freq=base.scale_grad_by_freq,
-                sparse=base.sparse,
-            )
+            result = ops.embedding_with_replaced_rows(x, base.weight, index, slots, rows, **embedding_options(base))
             # The lookup above bypasses the embedding's own forward, and with it any scale that forward applies.
             scale = self._get_embed_scale()
             return result if scale is None else result * scale.to(result.dtype)
