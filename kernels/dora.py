@@ -25,7 +25,9 @@ from .host import cdiv
 from .lora_linear import (
     _TORCH_TO_TL,
     MIN_DOT,
+    _accumulate_matmul,
     _check_seed,
+    _grouped_tile,
     _keep,
     _on_interpreter,
     _precision,
@@ -236,14 +238,7 @@ def _dora_forward_kernel(
     GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: programs that share W tiles run close together, so W stays in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -277,20 +272,23 @@ def _dora_forward_kernel(
         z = acc_dropped
     else:
         z = acc
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        s = tl.load(
-            s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-            mask=mask_m[:, None] & mask_r[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-            mask=mask_r[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        z += tl.dot(s.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
+    z = _accumulate_matmul(
+        z,
+        s_ptr,
+        b_ptr,
+        offs_m,
+        offs_n,
+        mask_m,
+        mask_n,
+        R,
+        stride_sm,
+        stride_sr,
+        stride_br,
+        stride_bn,
+        BLOCK_R,
+        DOT_DTYPE,
+        PRECISION,
+    )
     out_mask = mask_m[:, None] & mask_n[None, :]
     # z first: once it is stored, y can take its registers.
     if STORE_Z:
@@ -459,14 +457,7 @@ def _dora_grad_x_kernel(
     GROUP_M: tl.constexpr,
 ):
     # Output tile dX[m, k]; the reduction runs over N (the rows of W).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    group_size = GROUP_M * num_pid_k
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_k = (pid % group_size) // group_m
+    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -493,27 +484,29 @@ def _dora_grad_x_kernel(
             acc_dropped += tl.dot((dy * (g - 1.0)).to(DOT_DTYPE), w, input_precision=PRECISION)
         else:
             acc += tl.dot((dy * g).to(DOT_DTYPE), w, input_precision=PRECISION)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        ds = tl.load(
-            ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-            mask=mask_m[:, None] & mask_r[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-            mask=mask_r[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        product = tl.dot(ds.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision=PRECISION)
-        if DROPOUT:
-            acc_dropped += product
-        else:
-            acc += product
+    # dS A joins the dropped sum under dropout (the mask and 1 / (1 - p) apply to both), else the only one.
+    adapted = _accumulate_matmul(
+        acc_dropped if DROPOUT else acc,
+        ds_ptr,
+        a_ptr,
+        offs_m,
+        offs_k,
+        mask_m,
+        mask_k,
+        R,
+        stride_dsm,
+        stride_dsr,
+        stride_ar,
+        stride_ak,
+        BLOCK_R,
+        DOT_DTYPE,
+        PRECISION,
+    )
     if DROPOUT:
         keep = _keep(_seed_key(seed_ptr), offs_m[:, None] * K + offs_k[None, :], p)
-        acc += tl.where(keep, acc_dropped / (1.0 - p), 0.0)
+        acc += tl.where(keep, adapted / (1.0 - p), 0.0)
+    else:
+        acc = adapted
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
         acc.to(dx_ptr.dtype.element_ty),

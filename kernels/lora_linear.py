@@ -77,6 +77,56 @@ def _keep_rows_cols(key, rows, cols, width, p):
     return _keep_hashed(row_term[:, None] + col_term[None, :], p)
 
 
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program's [BLOCK_M, BLOCK_N] output tile in grouped launch order: GROUP_M row tiles
+    of one column of tiles run close together, so the column-side operand tiles they share stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
+
+
+@triton.jit
+def _accumulate_matmul(
+    acc,
+    a_ptr,
+    b_ptr,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """acc + A[offs_m, :K] @ B[:K, offs_n], K in BLOCK_K steps, both tiles loaded in their own dtype and cast to
+    DOT_DTYPE in registers (masked loads read zeros past M, N and K)."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
+    return acc
+
+
 def _rank_block(r: int) -> int:
     return max(MIN_DOT, next_power_of_2(r))
 
@@ -254,14 +304,7 @@ def _dual_matmul_kernel(
     GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: programs that share B tiles run close together, so B stays in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -292,20 +335,23 @@ def _dual_matmul_kernel(
             acc = tl.where(keep, acc * keep_scale, 0.0)
 
     if HAS_FIRST:
-        for k0 in range(0, K1, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K1
-            a = tl.load(
-                a1_ptr + offs_m[:, None] * stride_a1m + offs_k[None, :] * stride_a1k,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                b1_ptr + offs_k[:, None] * stride_b1k + offs_n[None, :] * stride_b1n,
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
+        acc = _accumulate_matmul(
+            acc,
+            a1_ptr,
+            b1_ptr,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            K1,
+            stride_a1m,
+            stride_a1k,
+            stride_b1k,
+            stride_b1n,
+            BLOCK_K,
+            DOT_DTYPE,
+            PRECISION,
+        )
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

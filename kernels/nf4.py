@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .host import cdiv, next_power_of_2
-from .lora_linear import _TORCH_TO_TL, MIN_DOT, _precision, _rank_block
+from .lora_linear import _TORCH_TO_TL, MIN_DOT, _accumulate_matmul, _precision, _rank_block
 
 # Flat element indices are int32 inside the kernels.
 MAX_NUMEL = 2**31 - 1
@@ -341,20 +341,23 @@ def _nf4_lora_matmul_kernel(
             w = _round_to(_code_lookup(code_ptr, q) * scale, W_DTYPE, INTERPRETED)
             acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=PRECISION)
     if HAS_LORA:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            s = tl.load(
-                s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                mask=mask_m[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                mask=mask_r[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(s.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
+        acc = _accumulate_matmul(
+            acc,
+            s_ptr,
+            b_ptr,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            R,
+            stride_sm,
+            stride_sr,
+            stride_br,
+            stride_bn,
+            BLOCK_R,
+            DOT_DTYPE,
+            PRECISION,
+        )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     acc = _round_to(acc, out_ptr.dtype.element_ty, INTERPRETED)
