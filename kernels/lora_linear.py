@@ -13,6 +13,8 @@ whose bf16 arithmetic is wrong).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -171,6 +173,20 @@ def _fitting_stages(properties: dict[str, int], *tiles: tuple[int, int], most: i
     while stages > 1 and _pipelined_bytes(stages, *tiles) > properties["max_shared_mem"]:
         stages -= 1
     return stages
+
+
+def _rank_kernel_tiles(
+    ref: torch.Tensor, block_r: int, buffers: Callable[[int, int], tuple[tuple[int, int], ...]]
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, the feature tile beside BLOCK_R, warps, stages) of a kernel whose tiles are [64, BLOCK_R] and
+    [feature tile, BLOCK_R]: one small config on the interpreter; on a GPU the warps the rank wants, the feature tile
+    those warps hold (`_adapter_tile`), and as many stages of `buffers(BLOCK_M, feature tile)` (elements, bytes per
+    element) as the shared memory holds."""
+    if _on_interpreter(ref):
+        return 32, 32, 4, 1
+    block_m, warps = 64, _warps_for_rank(block_r)
+    block_f = _adapter_tile(block_r, warps)
+    return block_m, block_f, warps, _fitting_stages(device_properties(ref), *buffers(block_m, block_f))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). The 128x256 tile (8 warps, 128 fp32 accumulator registers a thread) is
@@ -633,17 +649,17 @@ def _lora_shrink_plan(x, lora_A, out, dropout, dot_dtype) -> tuple:
     if M == 0:
         return ()
     block_r = _rank_block(R)
-    if _on_interpreter(x):
-        block_m, block_k, warps, stages = 32, 32, 4, 1
-    else:
-        # The A tile [BLOCK_K, BLOCK_R] is loaded in its own dtype (fp32 for HF PEFT's default adapters) and cast in
-        # registers: at most 1024 elements a warp keeps it, the accumulator and the cast clear of spills on sm_80, and
-        # three stages of it within an A100's shared memory at rank 128 (180 KB with BLOCK_K = 128 did not).
-        block_m, warps = 64, _warps_for_rank(block_r)
-        block_k = _adapter_tile(block_r, warps)
-        stages = _fitting_stages(
-            device_properties(x), (block_m * block_k, x.element_size()), (block_k * block_r, lora_A.element_size())
-        )
+    # The A tile [BLOCK_K, BLOCK_R] is loaded in its own dtype (fp32 for HF PEFT's default adapters) and cast in
+    # registers: at most 1024 elements a warp keeps it, the accumulator and the cast clear of spills on sm_80, and
+    # three stages of it within an A100's shared memory at rank 128 (180 KB with BLOCK_K = 128 did not).
+    block_m, block_k, warps, stages = _rank_kernel_tiles(
+        x,
+        block_r,
+        lambda block_m, block_k: (
+            (block_m * block_k, x.element_size()),
+            (block_k * block_r, lora_A.element_size()),
+        ),
+    )
     sizes = (M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1))
     meta = dict(
         APPLY_DROPOUT=dropout,
@@ -765,18 +781,16 @@ def _lora_grad_dy_plan(grad_out, lora_B, shrunk, dot_dtype) -> tuple:
     if M == 0:
         return ()
     block_r = _rank_block(R)
-    if _on_interpreter(grad_out):
-        block_m, block_n, warps, stages = 32, 32, 4, 1
-    else:
-        # As in `lora_shrink`: the B tile [BLOCK_N, BLOCK_R] (fp32 adapters) and the dB partial of the same shape
-        # stay within 1024 elements a warp, so ranks 64 and 128 neither spill nor overflow an A100's shared memory.
-        block_m, warps = 64, _warps_for_rank(block_r)
-        block_n = _adapter_tile(block_r, warps)
-        stages = _fitting_stages(
-            device_properties(grad_out),
+    # As in `lora_shrink`: the B tile [BLOCK_N, BLOCK_R] (fp32 adapters) and the dB partial of the same shape stay
+    # within 1024 elements a warp, so ranks 64 and 128 neither spill nor overflow an A100's shared memory.
+    block_m, block_n, warps, stages = _rank_kernel_tiles(
+        grad_out,
+        block_r,
+        lambda block_m, block_n: (
             (block_m * block_n, grad_out.element_size()),
             (block_n * block_r, lora_B.element_size()),
-        )
+        ),
+    )
     sizes = (
         M,
         N,
@@ -905,15 +919,15 @@ def _lora_grad_a_plan(grad_s, x, dropout, dot_dtype, max_splits) -> tuple:
     if M == 0:
         return ()
     block_r = _rank_block(R)
-    if _on_interpreter(x):
-        block_m, block_k, warps, stages = 32, 32, 4, 1
-    else:
-        # The [BLOCK_R, BLOCK_K] fp32 accumulator stays within 1024 elements a warp (32 registers a thread).
-        block_m, warps = 64, _warps_for_rank(block_r)
-        block_k = _adapter_tile(block_r, warps)
-        stages = _fitting_stages(
-            device_properties(x), (block_m * block_r, grad_s.element_size()), (block_m * block_k, x.element_size())
-        )
+    # The [BLOCK_R, BLOCK_K] fp32 accumulator stays within 1024 elements a warp (32 registers a thread).
+    block_m, block_k, warps, stages = _rank_kernel_tiles(
+        x,
+        block_r,
+        lambda block_m, block_k: (
+            (block_m * block_r, grad_s.element_size()),
+            (block_m * block_k, x.element_size()),
+        ),
+    )
     k_blocks = cdiv(K, block_k)
     m_blocks = cdiv(M, block_m)
     # d_in / BLOCK_K programs alone under-fill a GPU (32 for d_in=4096 on 132 SMs): split the token loop so there
