@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .host import cdiv, next_power_of_2
-from .lora_linear import _TORCH_TO_TL, MIN_DOT, _on_interpreter, _precision
+from .lora_linear import _TORCH_TO_TL, MIN_DOT, _accumulate_matmul, _on_interpreter, _precision
 
 
 def rank_block(rank: int) -> int:
@@ -103,20 +103,23 @@ def _grouped_matmul_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(
-            inp_ptr + offs_m[:, None] * stride_im + offs_k[None, :] * stride_ik,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            mat_ptr + offs_k[:, None] * stride_mk + offs_n[None, :] * stride_mn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
+    acc = _accumulate_matmul(
+        acc,
+        inp_ptr,
+        mat_ptr,
+        offs_m,
+        offs_n,
+        mask_m,
+        mask_n,
+        K,
+        stride_im,
+        stride_ik,
+        stride_mk,
+        stride_mn,
+        BLOCK_K,
+        DOT_DTYPE,
+        PRECISION,
+    )
     acc = acc * scale
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BASE:
