@@ -33,8 +33,8 @@ from .lora_linear import (
     _precision,
     _rank_block,
     _seed_key,
-    _sm_count,
     keep_clean_configs,
+    row_splits,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel, dropout (two fp32 accumulators) and dot dtype
@@ -651,15 +651,7 @@ def column_dot(grad_y: torch.Tensor, z: torch.Tensor, splits: int | None = None)
     block_m = 32
     block_n = 32 if _on_interpreter(grad_y) else 64
     n_blocks = cdiv(N, block_n)
-    m_blocks = cdiv(M, block_m)
-    if splits is None and _on_interpreter(grad_y):
-        splits = 1
-    elif splits is None:
-        # Unmeasured tuning, as lora_grad_a's: about two programs per SM.
-        splits = 2 * _sm_count(grad_y) // n_blocks
-    splits = max(1, min(splits, m_blocks))
-    rows_per_split = cdiv(m_blocks, splits) * block_m
-    splits = cdiv(M, rows_per_split)
+    splits, rows_per_split = row_splits(grad_y, M, block_m, n_blocks, splits)
     _column_dot_kernel[(n_blocks, splits)](
         grad_y,
         z,

@@ -929,14 +929,8 @@ def _lora_grad_a_plan(grad_s, x, dropout, dot_dtype, max_splits) -> tuple:
         ),
     )
     k_blocks = cdiv(K, block_k)
-    m_blocks = cdiv(M, block_m)
-    # d_in / BLOCK_K programs alone under-fill a GPU (32 for d_in=4096 on 132 SMs): split the token loop so there
-    # are about two programs per SM. Unmeasured tuning (no GPU yet); the interpreter runs one split.
-    splits = 1 if _on_interpreter(x) else max(1, min(m_blocks, (2 * _sm_count(x)) // k_blocks))
-    if max_splits is not None:
-        splits = max(1, min(splits, max_splits, m_blocks))
-    rows_per_split = cdiv(m_blocks, splits) * block_m
-    splits = cdiv(M, rows_per_split)
+    # d_in / BLOCK_K programs alone under-fill a GPU (32 for d_in=4096 on 132 SMs): split the token loop.
+    splits, rows_per_split = row_splits(x, M, block_m, k_blocks, most=max_splits)
     sizes = (M, K, R, grad_s.stride(0), grad_s.stride(1), x.stride(0), x.stride(1), K, 1)
     meta = dict(
         APPLY_DROPOUT=dropout,
@@ -1109,6 +1103,22 @@ def lora_linear_backward(
 
 def _sm_count(tensor: torch.Tensor) -> int:
     return device_properties(tensor)["multiprocessor_count"]
+
+
+def row_splits(
+    ref: torch.Tensor, M: int, block_m: int, column_blocks: int, splits: int | None = None, most: int | None = None
+) -> tuple[int, int]:
+    """(splits, rows per split) of a kernel whose programs (column block, split) each sum a run of BLOCK_M-row
+    blocks, adding their partial sums atomically when there are several. `splits` defaults to one on the interpreter,
+    else about two programs per SM over the `column_blocks` (unmeasured tuning, no GPU yet); capped by `most`, at
+    least one and at most one a row block, then trimmed so that no split is empty."""
+    m_blocks = cdiv(M, block_m)
+    if splits is None:
+        splits = 1 if _on_interpreter(ref) else 2 * _sm_count(ref) // column_blocks
+    if most is not None:
+        splits = min(splits, most)
+    rows = cdiv(m_blocks, max(1, min(splits, m_blocks))) * block_m
+    return cdiv(M, rows), rows
 
 
 @triton.jit(do_not_specialize=["seed_ptr"])
