@@ -330,6 +330,31 @@ def run_with_fallback(
         return fallback()
 
 
+def run_plan(
+    plan: str,
+    op: str,
+    race: str,
+    classify: Callable[..., tuple[str, str, torch.device]],
+    kernels: Callable[..., Any],
+    composed: Callable[..., Any],
+    args: tuple,
+) -> Any:
+    """`kernels(*args)` for plan "fused", `composed(*args)` (torch) for "composed"; for "auto" the faster of both as
+    raced under `race` for this shape class, torch where `op`'s kernels fail on it. `classify(*args)` gives (the shape
+    class failures are recorded under, the key the race is timed under, the device); only "auto" computes it."""
+    if plan == "fused":
+        return kernels(*args)
+    if plan == "composed":
+        return composed(*args)
+    key, race_key, device = classify(*args)
+    candidates = {"fused": lambda: kernels(*args), "composed": lambda: composed(*args)}
+
+    def chosen() -> Any:
+        return candidates[choose(race, race_key, candidates, device)]()
+
+    return run_with_fallback(op, key, device, chosen, candidates["composed"])
+
+
 def size_class(n: int) -> int:
     """Sizes that share a plan: powers of two (the next one up)."""
     return 1 << max(0, n - 1).bit_length()

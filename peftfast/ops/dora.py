@@ -75,17 +75,14 @@ def dora_weight_norm_op(
     """(norm, ||W_j||^2) as `reference.dora_weight_norm`, the second empty when `weight_sq` is given (a custom op's
     output may not be one of its inputs)."""
     args = (weight, lora_A, lora_B, scaling, None if weight_sq is None else weight_sq.float())
-    if plan == "fused":
-        return _weight_norm_kernels(*args)
-    if plan == "composed":
-        return _weight_norm_torch(*args)
+    return autotune.run_plan(
+        plan, "dora_weight_norm", "dora_weight_norm", _norm_class, _weight_norm_kernels, _weight_norm_torch, args
+    )
+
+
+def _norm_class(weight, lora_A, lora_B, scaling, weight_sq):
     key = f"dora_weight_norm|N{weight.shape[0]}|K{weight.shape[1]}|R{lora_A.shape[0]}|{_dtypes(weight, lora_A)}"
-    candidates = {"fused": lambda: _weight_norm_kernels(*args), "composed": lambda: _weight_norm_torch(*args)}
-
-    def kernels() -> tuple[torch.Tensor, torch.Tensor]:
-        return candidates[autotune.choose("dora_weight_norm", key, candidates, weight.device)]()
-
-    return autotune.run_with_fallback("dora_weight_norm", key, weight.device, kernels, candidates["composed"])
+    return key, key, weight.device
 
 
 @dora_weight_norm_op.register_fake
@@ -157,21 +154,10 @@ def _forward_composed(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, se
     return y.to(x.dtype), shrunk, z.to(x.dtype) if store_z else x.new_empty(0)
 
 
-def _forward_on(plan, *args):
-    if plan == "fused":
-        return _forward_kernels(*args)
-    if plan == "composed":
-        return _forward_composed(*args)
-    x, weight, _, lora_A, _, _, _, dropout_p, _, store_z = args
+def _forward_class(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z):
     key = _shape_class(x, weight, lora_A, dropout_p)
-    candidates = {"fused": lambda: _forward_kernels(*args), "composed": lambda: _forward_composed(*args)}
     # Raced apart: a training forward also writes z (T x d_out), an inference one doesn't.
-    race_key = f"{key}|z{int(store_z)}"
-
-    def kernels():
-        return candidates[autotune.choose("dora_linear forward", race_key, candidates, x.device)]()
-
-    return autotune.run_with_fallback("dora_linear", key, x.device, kernels, candidates["composed"])
+    return key, f"{key}|z{int(store_z)}", x.device
 
 
 @torch.library.custom_op("peftfast::dora_linear_fwd", mutates_args=())
@@ -188,7 +174,10 @@ def dora_linear_fwd(
     store_z: bool,
     plan: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_on(plan, x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z)
+    args = (x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, store_z)
+    return autotune.run_plan(
+        plan, "dora_linear", "dora_linear forward", _forward_class, _forward_kernels, _forward_composed, args
+    )
 
 
 @dora_linear_fwd.register_fake
@@ -244,19 +233,9 @@ def _backward_composed(grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling,
     return grad_x, grad_a, grad_b, grad_g
 
 
-def _backward_on(plan, *args):
-    if plan == "fused":
-        return _backward_kernels(*args)
-    if plan == "composed":
-        return _backward_composed(*args)
-    x, weight, lora_A, dropout_p = args[1], args[2], args[3], args[9]
+def _backward_class(grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling, dropout_p, *_):
     key = _shape_class(x, weight, lora_A, dropout_p)
-    candidates = {"fused": lambda: _backward_kernels(*args), "composed": lambda: _backward_composed(*args)}
-
-    def kernels():
-        return candidates[autotune.choose("dora_linear backward", key, candidates, x.device)]()
-
-    return autotune.run_with_fallback("dora_linear", key, x.device, kernels, candidates["composed"])
+    return key, key, x.device
 
 
 @torch.library.custom_op("peftfast::dora_linear_bwd", mutates_args=())
@@ -276,8 +255,9 @@ def dora_linear_bwd(
     needs_g_grad: bool,
     plan: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_on(
-        plan, grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling, dropout_p, seed, needs_input_grad, needs_g_grad
+    args = (grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling, dropout_p, seed, needs_input_grad, needs_g_grad)
+    return autotune.run_plan(
+        plan, "dora_linear", "dora_linear backward", _backward_class, _backward_kernels, _backward_composed, args
     )
 
 

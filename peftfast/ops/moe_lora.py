@@ -42,21 +42,14 @@ def _shape_class(x: torch.Tensor, base: torch.Tensor, lora_A: list[torch.Tensor]
     )
 
 
-def _on_plan(plan: str, op: str, key_args: tuple, kernels, composed):
-    """`kernels()` for plan "fused", `composed()` (torch) for "composed"; for "auto" the faster of both for this shape
-    class, torch where the kernels fail."""
-    if plan == "fused":
-        return kernels()
-    if plan == "composed":
-        return composed()
-    x = key_args[0]
-    key = _shape_class(*key_args)
-    candidates = {"fused": kernels, "composed": composed}
+def _add_class(base, x, offsets, lora_A, lora_B, scaling):
+    key = _shape_class(x, base, lora_A)
+    return key, key, x.device
 
-    def chosen():
-        return candidates[autotune.choose(op, key, candidates, x.device)]()
 
-    return autotune.run_with_fallback("moe_lora_linear", key, x.device, chosen, composed)
+def _add_grads_class(grad_out, x, offsets, lora_A, lora_B, shrunk, scaling, needs_input_grad):
+    key = _shape_class(x, grad_out, lora_A)
+    return key, key, x.device
 
 
 def _expert_spans(offsets: torch.Tensor, num_rows: int) -> list[tuple[int, int]]:
@@ -110,8 +103,8 @@ def moe_lora_add_fwd(
     plan: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     args = (base, x, offsets, lora_A, lora_B, scaling)
-    return _on_plan(
-        plan, "moe_lora_linear forward", (x, base, lora_A), lambda: _add_kernels(*args), lambda: _add_composed(*args)
+    return autotune.run_plan(
+        plan, "moe_lora_linear", "moe_lora_linear forward", _add_class, _add_kernels, _add_composed, args
     )
 
 
@@ -176,12 +169,14 @@ def moe_lora_add_bwd(
     plan: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     args = (grad_out, x, offsets, lora_A, lora_B, shrunk, scaling, needs_input_grad)
-    return _on_plan(
+    return autotune.run_plan(
         plan,
+        "moe_lora_linear",
         "moe_lora_linear backward",
-        (x, grad_out, lora_A),
-        lambda: _add_grads_kernels(*args),
-        lambda: _add_grads_composed(*args),
+        _add_grads_class,
+        _add_grads_kernels,
+        _add_grads_composed,
+        args,
     )
 
 
