@@ -176,17 +176,19 @@ def _fitting_stages(properties: dict[str, int], *tiles: tuple[int, int], most: i
 
 
 def _rank_kernel_tiles(
-    ref: torch.Tensor, block_r: int, buffers: Callable[[int, int], tuple[tuple[int, int], ...]]
-) -> tuple[int, int, int, int]:
-    """(BLOCK_M, the feature tile beside BLOCK_R, warps, stages) of a kernel whose tiles are [64, BLOCK_R] and
-    [feature tile, BLOCK_R]: one small config on the interpreter; on a GPU the warps the rank wants, the feature tile
-    those warps hold (`_adapter_tile`), and as many stages of `buffers(BLOCK_M, feature tile)` (elements, bytes per
-    element) as the shared memory holds."""
+    ref: torch.Tensor, rank: int, buffers: Callable[[int, int, int], tuple[tuple[int, int], ...]]
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, the feature tile beside BLOCK_R, BLOCK_R, warps, stages) of a kernel whose tiles are [BLOCK_M,
+    BLOCK_R] and [feature tile, BLOCK_R]: one small config on the interpreter; on a GPU the warps the rank wants, the
+    feature tile those warps hold (`_adapter_tile`), and as many stages of `buffers(BLOCK_M, feature tile, BLOCK_R)`
+    (elements, bytes per element) as the shared memory holds."""
+    block_r = _rank_block(rank)
     if _on_interpreter(ref):
-        return 32, 32, 4, 1
+        return 32, 32, block_r, 4, 1
     block_m, warps = 64, _warps_for_rank(block_r)
     block_f = _adapter_tile(block_r, warps)
-    return block_m, block_f, warps, _fitting_stages(device_properties(ref), *buffers(block_m, block_f))
+    stages = _fitting_stages(device_properties(ref), *buffers(block_m, block_f, block_r))
+    return block_m, block_f, block_r, warps, stages
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). The 128x256 tile (8 warps, 128 fp32 accumulator registers a thread) is
@@ -648,17 +650,11 @@ def _lora_shrink_plan(x, lora_A, out, dropout, dot_dtype) -> tuple:
         raise ValueError(f"lora_shrink: x has {K} features but lora_A has shape {tuple(lora_A.shape)}.")
     if M == 0:
         return ()
-    block_r = _rank_block(R)
     # The A tile [BLOCK_K, BLOCK_R] is loaded in its own dtype (fp32 for HF PEFT's default adapters) and cast in
     # registers: at most 1024 elements a warp keeps it, the accumulator and the cast clear of spills on sm_80, and
     # three stages of it within an A100's shared memory at rank 128 (180 KB with BLOCK_K = 128 did not).
-    block_m, block_k, warps, stages = _rank_kernel_tiles(
-        x,
-        block_r,
-        lambda block_m, block_k: (
-            (block_m * block_k, x.element_size()),
-            (block_k * block_r, lora_A.element_size()),
-        ),
+    block_m, block_k, block_r, warps, stages = _rank_kernel_tiles(
+        x, R, lambda m, k, r: ((m * k, x.element_size()), (k * r, lora_A.element_size()))
     )
     sizes = (M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1))
     meta = dict(
@@ -780,16 +776,10 @@ def _lora_grad_dy_plan(grad_out, lora_B, shrunk, dot_dtype) -> tuple:
         )
     if M == 0:
         return ()
-    block_r = _rank_block(R)
     # As in `lora_shrink`: the B tile [BLOCK_N, BLOCK_R] (fp32 adapters) and the dB partial of the same shape stay
     # within 1024 elements a warp, so ranks 64 and 128 neither spill nor overflow an A100's shared memory.
-    block_m, block_n, warps, stages = _rank_kernel_tiles(
-        grad_out,
-        block_r,
-        lambda block_m, block_n: (
-            (block_m * block_n, grad_out.element_size()),
-            (block_n * block_r, lora_B.element_size()),
-        ),
+    block_m, block_n, block_r, warps, stages = _rank_kernel_tiles(
+        grad_out, R, lambda m, n, r: ((m * n, grad_out.element_size()), (n * r, lora_B.element_size()))
     )
     sizes = (
         M,
@@ -918,15 +908,9 @@ def _lora_grad_a_plan(grad_s, x, dropout, dot_dtype, max_splits) -> tuple:
         raise ValueError(f"lora_grad_a: dS has {grad_s.shape[0]} rows but x has {M}.")
     if M == 0:
         return ()
-    block_r = _rank_block(R)
     # The [BLOCK_R, BLOCK_K] fp32 accumulator stays within 1024 elements a warp (32 registers a thread).
-    block_m, block_k, warps, stages = _rank_kernel_tiles(
-        x,
-        block_r,
-        lambda block_m, block_k: (
-            (block_m * block_r, grad_s.element_size()),
-            (block_m * block_k, x.element_size()),
-        ),
+    block_m, block_k, block_r, warps, stages = _rank_kernel_tiles(
+        x, R, lambda m, k, r: ((m * r, grad_s.element_size()), (m * k, x.element_size()))
     )
     k_blocks = cdiv(K, block_k)
     # d_in / BLOCK_K programs alone under-fill a GPU (32 for d_in=4096 on 132 SMs): split the token loop.
