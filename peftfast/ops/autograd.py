@@ -39,6 +39,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def on_kernel_device(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take `tensor`'s device: a GPU, or the CPU under TRITON_INTERPRET=1."""
+    return tensor.is_cuda or (tensor.device.type == "cpu" and _interpreting())
+
+
 _kernel_module = None
 
 
@@ -484,7 +489,7 @@ def can_run_lora_linear(x, weight, bias, lora_A, lora_B, lora_B_bias=None, *args
     """Whether the Triton kernels serve this call: GPU tensors with fp16/bf16 activations (or CPU tensors, fp32 too,
     under TRITON_INTERPRET=1), a frozen base weight of the activations' dtype, adapters in fp32 or that dtype, no
     lora_B bias."""
-    on_device = x.is_cuda or (x.device.type == "cpu" and _interpreting())
+    on_device = on_kernel_device(x)
     if not on_device or not lora_A or not serves_activation_dtype(x) or weight.dtype != x.dtype:
         return False
     if weight.requires_grad or any(b is not None for b in (lora_B_bias or [])):

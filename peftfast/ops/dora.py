@@ -41,7 +41,7 @@ def can_run_dora_weight_norm(
 ) -> bool:
     """Whether the Triton norm serves this call: GPU tensors (or CPU ones under TRITON_INTERPRET=1) on one device,
     float weight and adapters."""
-    on_device = weight.is_cuda or (weight.device.type == "cpu" and autograd._interpreting())
+    on_device = autograd.on_kernel_device(weight)
     tensors = [weight, lora_A, lora_B] + ([weight_sq] if weight_sq is not None else [])
     if not on_device or any(t.device != weight.device for t in tensors):
         return False
@@ -343,7 +343,7 @@ def can_run_dora_linear(
 ) -> bool:
     """Whether the Triton kernels serve this call: GPU tensors (or CPU ones under TRITON_INTERPRET=1) on one device,
     float activations with a frozen base weight of their dtype, adapters and magnitude in fp32 or that dtype."""
-    on_device = x.is_cuda or (x.device.type == "cpu" and autograd._interpreting())
+    on_device = autograd.on_kernel_device(x)
     if not on_device or x.dtype not in autograd._FP_DTYPES or weight.dtype != x.dtype or weight.requires_grad:
         return False
     tensors = [weight, lora_A, lora_B, magnitude] + [t for t in (bias, weight_norm) if t is not None]

@@ -209,7 +209,7 @@ moe_lora_add_fwd.register_autograd(_backward, setup_context=_setup_context)
 def can_run_moe_lora_linear(x, weight, bias, offsets, lora_A, lora_B, *args, **kwargs) -> bool:
     """Whether the Triton kernels serve this call: GPU tensors (or CPU ones under TRITON_INTERPRET=1) on one device,
     float activations, adapters in fp32 or the activation dtype, int32 offsets."""
-    on_device = x.is_cuda or (x.device.type == "cpu" and autograd._interpreting())
+    on_device = autograd.on_kernel_device(x)
     if not on_device or not lora_A or x.dtype not in autograd._FP_DTYPES or offsets.dtype != torch.int32:
         return False
     tensors = [weight, offsets, *lora_A, *lora_B] + ([bias] if bias is not None else [])

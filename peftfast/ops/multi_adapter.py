@@ -16,7 +16,7 @@ def can_run(y, x, lora_A, lora_B_t, lora_B_bias, scaling, *args, **kwargs) -> bo
     """Whether the SGMV kernels serve this call: GPU tensors (or CPU ones under TRITON_INTERPRET=1) on one device,
     float adapter weights and activations (fp16/bf16 on a GPU, see `autograd.serves_activation_dtype`), int32 token
     offsets."""
-    on_device = x.is_cuda or (x.device.type == "cpu" and autograd._interpreting())
+    on_device = autograd.on_kernel_device(x)
     tensors = [y, x, lora_A, lora_B_t, scaling] + ([lora_B_bias] if lora_B_bias is not None else [])
     if not on_device or any(t.device != x.device for t in tensors):
         return False

@@ -83,10 +83,6 @@ def dequantize_with_bitsandbytes(packed: torch.Tensor, quant_state: Any) -> torc
     return bnb_functional.dequantize_4bit(data, state)
 
 
-def _on_kernel_device(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda or (tensor.device.type == "cpu" and autograd._interpreting())
-
-
 def _storage_tensors(weight: Nf4Weight) -> list[torch.Tensor]:
     tensors = [weight.packed, weight.absmax, weight.code]
     if weight.absmax_code is not None:
@@ -96,7 +92,7 @@ def _storage_tensors(weight: Nf4Weight) -> list[torch.Tensor]:
 
 def can_run_nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
     """The Triton dequantize serves GPU tensors (CPU ones under TRITON_INTERPRET=1) of fewer than 2**31 elements."""
-    return _on_kernel_device(packed) and absmax.device == packed.device and autograd.triton_available()
+    return autograd.on_kernel_device(packed) and absmax.device == packed.device and autograd.triton_available()
 
 
 def nf4_dequantize_triton(*weight_fields: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -388,7 +384,7 @@ def can_run_lora_linear_4bit(
 ) -> bool:
     """Whether the Triton 4-bit path serves this call: GPU tensors with an fp16/bf16 compute dtype (CPU ones, fp32
     too, under TRITON_INTERPRET=1), at least one adapter in fp32 or the compute dtype, no lora_B bias."""
-    if not _on_kernel_device(x) or not lora_A or compute_dtype not in autograd._FP_DTYPES:
+    if not autograd.on_kernel_device(x) or not lora_A or compute_dtype not in autograd._FP_DTYPES:
         return False
     if x.is_cuda and compute_dtype not in autograd._GPU_DTYPES:
         return False
