@@ -402,17 +402,22 @@ def dora_forward(
         PRECISION=_precision(dot_dtype),
         BLOCK_R=_rank_tile(R),
     )
-    if _on_interpreter(x):
-        # The interpreter is slow and autotuning would multiply that: one small config.
-        grid = (cdiv(M, 32) * cdiv(N, 32),)
-        _dora_forward_kernel[grid](*args, **common, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-    else:
-
-        def grid(meta):
-            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-
-        _dora_forward_tuned[dropout_p > 0, dot_dtype == torch.float32][grid](*args, **common)
+    tuned = _dora_forward_tuned[dropout_p > 0, dot_dtype == torch.float32]
+    _launch_grouped(_dora_forward_kernel, tuned, x, M, N, "BLOCK_N", args, common)
     return y, z
+
+
+def _launch_grouped(kernel, tuned, ref: torch.Tensor, rows: int, cols: int, col_block: str, args, common) -> None:
+    """Launches a kernel of grouped [BLOCK_M, `col_block`] output tiles over [rows, cols]: its autotuned variant
+    `tuned` on a GPU; on the interpreter, which is slow and autotuning would multiply that, one small config."""
+    if _on_interpreter(ref):
+        kernel[(cdiv(rows, 32) * cdiv(cols, 32),)](*args, **common, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+        return
+
+    def grid(meta):
+        return (cdiv(rows, meta["BLOCK_M"]) * cdiv(cols, meta[col_block]),)
+
+    tuned[grid](*args, **common)
 
 
 # ------------------------------------------------------------------------------------------------------- backward
@@ -587,15 +592,8 @@ def dora_grad_x(
         PRECISION=_precision(dot_dtype),
         BLOCK_R=_rank_tile(R),
     )
-    if _on_interpreter(grad_y):
-        grid = (cdiv(M, 32) * cdiv(K, 32),)
-        _dora_grad_x_kernel[grid](*args, **common, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-    else:
-
-        def grid(meta):
-            return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
-
-        _dora_grad_x_tuned[dropout_p > 0, dot_dtype == torch.float32][grid](*args, **common)
+    tuned = _dora_grad_x_tuned[dropout_p > 0, dot_dtype == torch.float32]
+    _launch_grouped(_dora_grad_x_kernel, tuned, grad_y, M, K, "BLOCK_K", args, common)
     return grad_x
 
 
