@@ -109,10 +109,12 @@ def _accumulate_matmul(
     BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr = None,
 ):
     """acc + A[offs_m, :K] @ B[:K, offs_n], K in BLOCK_K steps, both tiles loaded in their own dtype and cast to
-    DOT_DTYPE in registers (masked loads read zeros past M, N and K)."""
-    for k0 in range(0, K, BLOCK_K):
+    DOT_DTYPE in registers (masked loads read zeros past M, N and K). NUM_STAGES pipelines the loop (None: the
+    launch's num_stages)."""
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(
@@ -334,20 +336,24 @@ def _dual_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_SECOND:
         # Rank-sized: one or two iterations, nothing to overlap, so no pipeline buffers (num_stages=1).
-        for r0 in tl.range(0, K2, BLOCK_R, num_stages=1):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < K2
-            a2 = tl.load(
-                a2_ptr + offs_m[:, None] * stride_a2m + offs_r[None, :] * stride_a2k,
-                mask=mask_m[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            b2 = tl.load(
-                b2_ptr + offs_r[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
-                mask=mask_r[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(a2.to(DOT_DTYPE), b2.to(DOT_DTYPE), input_precision=PRECISION)
+        acc = _accumulate_matmul(
+            acc,
+            a2_ptr,
+            b2_ptr,
+            offs_m,
+            offs_n,
+            mask_m,
+            mask_n,
+            K2,
+            stride_a2m,
+            stride_a2k,
+            stride_b2k,
+            stride_b2n,
+            BLOCK_R,
+            DOT_DTYPE,
+            PRECISION,
+            NUM_STAGES=1,
+        )
         if MASK_SECOND:
             keep = _keep_rows_cols(_seed_key(seed_ptr), offs_m, offs_n, N, p)
             acc = tl.where(keep, acc * keep_scale, 0.0)
