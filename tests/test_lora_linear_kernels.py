@@ -10,7 +10,7 @@ import torch
 from tolerances import KERNEL, assert_close
 
 from peftfast import ops
-from peftfast.ops import autograd
+from peftfast.ops import autograd, autotune, reference
 
 pytest.importorskip("triton")
 from peftfast.kernels import lora_linear as kernels  # noqa: E402
@@ -222,3 +222,46 @@ def test_grad_a_split_over_tokens_adds_up(splits, monkeypatch):
         )
     got = kernels.lora_grad_a(grad_s, x, dot_dtype=torch.float32, max_splits=splits)
     assert_close(got, grad_s.T @ x, kind="kernel")
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 2, 2**40 + 123])
+@pytest.mark.parametrize(("M", "K", "p"), [(5, 33, 0.1), (1, 1, 0.5), (0, 9, 0.3), (17, 64, 0.999)])
+def test_torch_twin_of_the_dropout_mask_is_bit_identical(seed, M, K, p):
+    seed_tensor = torch.tensor([seed], dtype=torch.int64)
+    twin = reference.dropout_keep_mask(M, K, p, seed_tensor)
+    assert twin.dtype == torch.bool and twin.shape == (M, K)
+    assert torch.equal(twin, kernels.dropout_keep_mask(M, K, p, seed_tensor))
+    if M * K > 500:
+        assert abs(twin.float().mean().item() - (1 - p)) < 0.05
+
+
+def test_fall_backs_draw_the_same_mask_when_the_mask_kernel_fails(monkeypatch):
+    """The torch fall-back of the fused ops applies the kernels' dropout mask; where the mask kernel itself can't be
+    built or launched, its torch twin gives the same bits, so forward and backward still agree."""
+    x = torch.randn(6, 20, requires_grad=True)
+    weight, A, B = torch.randn(9, 20), torch.randn(3, 20, requires_grad=True), torch.randn(9, 3, requires_grad=True)
+    seeds = torch.tensor([5], dtype=torch.int64)
+
+    def run():
+        y, shrunk = autograd._forward_torch(x, weight, None, [A], [B], [0.5], [0.4], seeds)
+        grads = torch.autograd.grad(y.square().sum(), [x, A, B])
+        return y, shrunk, grads
+
+    expected = run()
+
+    def failing(*args, **kwargs):
+        raise autotune.KernelFailure("mask kernel out of resources")
+
+    monkeypatch.setattr(kernels, "dropout_keep_mask", failing)
+    got = run()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    for ours, theirs in zip(got[2], expected[2]):
+        assert torch.equal(ours, theirs)
+
+    def buggy(*args, **kwargs):
+        raise ValueError("a bug, not a kernel failure")
+
+    # Only a kernel failure switches to the twin: anything else still raises.
+    monkeypatch.setattr(kernels, "dropout_keep_mask", buggy)
+    with pytest.raises(ValueError, match="a bug"):
+        run()

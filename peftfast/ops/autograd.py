@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import autotune
+from . import autotune, reference
 
 _FP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
@@ -140,12 +140,22 @@ def _forward_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seeds) -
     return y.to(x.dtype), shrunk
 
 
+def dropout_keep_mask(M: int, K: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The kernels' dropout mask for `seed`: drawn by their mask kernel, or by its torch twin (the same bits) where
+    that kernel fails to compile or launch, so that the torch fall-backs never depend on a kernel."""
+    try:
+        return _kernels().dropout_keep_mask(M, K, p, seed)
+    except Exception as error:
+        if not autotune.is_kernel_failure(error):
+            raise
+        return reference.dropout_keep_mask(M, K, p, seed)
+
+
 def _dropped(x: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    """dropout(x) in fp32 with the kernels' mask for `seed` (drawn by their mask kernel)."""
+    """dropout(x) in fp32 with the kernels' mask for `seed`."""
     if p <= 0:
         return x.float()
-    kernels = _kernels()
-    keep = kernels.dropout_keep_mask(x.shape[0], x.shape[1], p, seed)
+    keep = dropout_keep_mask(x.shape[0], x.shape[1], p, seed)
     return torch.where(keep, x.float() / (1.0 - p), 0.0)
 
 
@@ -382,8 +392,7 @@ def _backward_torch(grad_out, x, weight, lora_A, lora_B, shrunk, scaling, dropou
         if grad_x is not None:
             through = grad_s_i @ A.float()
             if p > 0:
-                kernels = _kernels()
-                keep = kernels.dropout_keep_mask(x.shape[0], x.shape[1], p, seed)
+                keep = dropout_keep_mask(x.shape[0], x.shape[1], p, seed)
                 through = torch.where(keep, through / (1.0 - p), 0.0)
             grad_x = grad_x + through
         start = stop

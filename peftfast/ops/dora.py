@@ -219,12 +219,10 @@ def _backward_composed(grad_y, x, weight, lora_A, lora_B, g, shrunk, z, scaling,
     if needs_x:
         through_adapter = grad_s @ lora_A.float()
         if dropout_p > 0:
-            from ..kernels import lora_linear as lora_kernels
-
             stacked = torch.cat([grad_y.to(weight.dtype), (dy * (g - 1)).to(weight.dtype)])
             both = (stacked @ weight).float()
             plain, dropped = both[: grad_y.shape[0]], both[grad_y.shape[0] :]
-            keep = lora_kernels.dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed)
+            keep = autograd.dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed)
             grad_x = plain + torch.where(keep, (dropped + through_adapter) / (1.0 - dropout_p), 0.0)
         else:
             grad_x = (grad_z.to(weight.dtype) @ weight).float() + through_adapter

@@ -788,3 +788,35 @@ def moe_lora_linear(
     if len(lora_A) != len(lora_B) or len(lora_A) != len(scaling):
         raise ValueError(f"Got {len(lora_A)} A, {len(lora_B)} B factors and {len(scaling)} scalings; pass one each.")
     return _MoeLoraLinear.apply(x, weight, bias, sizes, transposed, tuple(scaling), *lora_A, *lora_B)
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _mul_u32(h: torch.Tensor, constant: int) -> torch.Tensor:
+    """(h * constant) mod 2^32 for h in [0, 2^32), in int64 without overflow: the constant in 16-bit halves."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (h * low + (((h * high) & 0xFFFF) << 16)) & _U32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul_u32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul_u32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_keep_mask(M: int, K: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """Semantics: keep[m, k] = rand(seed, m * K + k) >= p, bit for bit the mask of the kernels' dropout hash
+    (`kernels.lora_linear._keep`: a Weyl step, then murmur3's finalizer, its top 24 bits as a uniform in [0, 1)).
+
+    Shapes: seed a 1-element int64 tensor; returns a bool tensor [M, K] on its device. uint32 arithmetic is done in
+    int64, masked to 32 bits."""
+    seed = seed.reshape(()).to(torch.int64)
+    low, high = seed & _U32, (seed >> 32) & _U32
+    key = _mix32(low ^ _mix32((high + 0x9E3779B9) & _U32))
+    offsets = torch.arange(M * K, device=seed.device, dtype=torch.int64)
+    hashed = _mix32((_mul_u32(offsets, 0x9E3779B1) + key) & _U32)
+    uniform = (hashed >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return (uniform >= torch.tensor(p, dtype=torch.float32)).reshape(M, K)
