@@ -26,7 +26,7 @@ import dataclasses
 import sys
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from peftfast.bench import (
     ENVIRONMENT_COLUMNS,
     add_output_dir_argument,
     append_csv,
+    cuda_means_cpu,
     environment,
     results_slug,
     time_side_by_side,
@@ -96,31 +97,6 @@ class _OneLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
-
-
-@contextlib.contextmanager
-def _cuda_means_cpu() -> Iterator[None]:
-    """HF PEFT's LoftQ calls `.to("cuda")`; on a machine without one, run it on the CPU."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.to
-
-    def on_cpu(value):
-        if isinstance(value, str) and value.startswith("cuda"):
-            return "cpu"
-        if isinstance(value, torch.device) and value.type == "cuda":
-            return torch.device("cpu")
-        return value
-
-    def to(self, *args, **kwargs):
-        return original(self, *(on_cpu(a) for a in args), **{k: on_cpu(v) for k, v in kwargs.items()})
-
-    torch.Tensor.to = to
-    try:
-        yield
-    finally:
-        torch.Tensor.to = original
 
 
 def _peft_corda():
@@ -186,7 +162,7 @@ def _builders(case: Case, lib, generator: torch.Generator) -> tuple[Callable[[],
                     model(batch)
 
             preprocess(model, lora_config, run_model=run_model)
-        with _cuda_means_cpu() if case.method == "loftq" and lib is not peftfast else contextlib.nullcontext():
+        with cuda_means_cpu() if case.method == "loftq" and lib is not peftfast else contextlib.nullcontext():
             return lib.get_peft_model(model, lora_config)
 
     return make, run

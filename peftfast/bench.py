@@ -189,6 +189,30 @@ def time_side_by_side(
     return timings
 
 
+@contextmanager
+def cuda_means_cpu() -> Iterator[None]:
+    """Within the block, `Tensor.to("cuda")` (a device string or torch.device) goes to the CPU: HF PEFT's LoftQ moves
+    weights to "cuda" unconditionally, and the tests and benchmarks compare it on the CPU, where their models are
+    (bitsandbytes quantizes on CPU the same way)."""
+    original = torch.Tensor.to
+
+    def on_cpu(value):
+        if isinstance(value, str) and value.startswith("cuda"):
+            return "cpu"
+        if isinstance(value, torch.device) and value.type == "cuda":
+            return torch.device("cpu")
+        return value
+
+    def to(self, *args, **kwargs):
+        return original(self, *(on_cpu(a) for a in args), **{k: on_cpu(v) for k, v in kwargs.items()})
+
+    torch.Tensor.to = to
+    try:
+        yield
+    finally:
+        torch.Tensor.to = original
+
+
 def peak_memory_mb(
     fn: Callable[[], object], device: torch.device, grad_to_none: Sequence[torch.Tensor] = ()
 ) -> float | None:

@@ -25,6 +25,7 @@ from tolerances import assert_close
 from torch import nn
 
 import peftfast
+from peftfast.bench import cuda_means_cpu
 from peftfast.tuners.lora.corda import preprocess_corda
 from peftfast.tuners.lora.init import top_singular_triplets
 
@@ -99,35 +100,12 @@ def _reconstruction(layer: nn.Module, adapter: str = "default") -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _cuda_means_cpu():
-    """HF PEFT's LoftQ moves weights to "cuda" unconditionally; here that device is the CPU, so it runs on this
-    machine (bitsandbytes quantizes on CPU the same way)."""
-    original = torch.Tensor.to
-
-    def on_cpu(value):
-        if isinstance(value, str) and value.startswith("cuda"):
-            return "cpu"
-        if isinstance(value, torch.device) and value.type == "cuda":
-            return torch.device("cpu")
-        return value
-
-    def to(self, *args, **kwargs):
-        return original(self, *(on_cpu(a) for a in args), **{k: on_cpu(v) for k, v in kwargs.items()})
-
-    torch.Tensor.to = to
-    try:
-        yield
-    finally:
-        torch.Tensor.to = original
-
-
-@contextlib.contextmanager
 def _peft_loftq_on_this_machine():
     """HF PEFT's LoftQ config check asks for scipy (unused by LoftQ) and its LoftQ for a GPU: grant both."""
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    with pytest.MonkeyPatch.context() as patch, _cuda_means_cpu():
+    with pytest.MonkeyPatch.context() as patch, cuda_means_cpu():
         patch.setattr(
             importlib.util, "find_spec", lambda name, *args: object() if name == "scipy" else find_spec(name, *args)
         )
@@ -400,7 +378,7 @@ def test_replace_lora_weights_loftq_matches_peft(tmp_path):
     models = {}
     for name, lib in LIBS.items():
         model = _peft_model(lib, quantize_to_4bit(_mlp(**sizes)), target_modules=["lin0", "lin1"])
-        with _cuda_means_cpu():
+        with cuda_means_cpu():
             lib.replace_lora_weights_loftq(model, model_path=str(tmp_path))
         models[name] = model
     _assert_same_layers(models["peft"], models["peftfast"], "kernel", signs=True)
